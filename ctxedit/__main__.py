@@ -1,0 +1,3 @@
+from ctxedit.cli import main
+
+main()

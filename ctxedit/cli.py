@@ -1,0 +1,234 @@
+"""The `ctxedit` command: parse and check flags, call one library function, print. Heavy imports stay inside commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ctxedit.errors import CtxEditError
+from ctxedit.settings import DEFAULT_MODEL, EditSettings, TuneSettings
+
+app = typer.Typer(
+    help="Text-driven video editing: tune once on a clip, then edit it with any number of target texts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+RunOpt = Annotated[str, typer.Option("--run", help="Run directory, or 'latest' for the most recent under runs/.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cuda | cpu.")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto (fp16/bf16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+
+
+def _known_error(error: Exception) -> str | None:
+    """One-line advice for failures that are not bugs but come from outside ctxedit's own checks."""
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "out of GPU memory; try fewer --frames, a smaller --size, --precision fp16, or closing other GPU programs"
+    if isinstance(error, PermissionError):
+        return f"permission denied: {error.filename}; choose a --run or --out folder you can write to"
+    if isinstance(error, OSError) and error.errno == 28:
+        return "no space left on the disk; free some space or choose a --run folder on another disk"
+    return None
+
+
+def handle_errors(command):
+    """Turn user-caused errors into one line on stderr and a non-zero exit; tracebacks only with CTXEDIT_DEBUG=1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        debug = os.environ.get("CTXEDIT_DEBUG") == "1"
+        try:
+            return command(*args, **kwargs)
+        except CtxEditError as error:
+            if debug:
+                raise
+            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as error:
+            message = _known_error(error)
+            if message is None or debug:
+                raise
+            err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+class ProgressBars:
+    """Rich progress bars fed by the library's ProgressEvents; silent when stdout is not a terminal or with --json."""
+
+    def __init__(self, quiet: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=err,
+            disable=quiet or not out.is_terminal,
+        )
+        self.tasks: dict[tuple[str, str], int] = {}
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def __call__(self, event) -> None:
+        key = (event.stage, event.label)
+        if key not in self.tasks:
+            label = f"{event.stage} {event.label[:30]}".strip()
+            self.tasks[key] = self.progress.add_task(label, total=event.total, info="")
+        info = f"loss {event.loss:.4f}" if event.loss is not None else ""
+        self.progress.update(self.tasks[key], completed=event.done, total=event.total, info=info)
+
+
+def _print_json(data) -> None:
+    out.print_json(json.dumps(data))
+
+
+@app.command()
+@handle_errors
+def tune(
+    video: Annotated[Path, typer.Argument(help="Source video (MP4, MOV, AVI, WEBM, MKV or GIF).", show_default=False)],
+    prompt: Annotated[str, typer.Option(help="Caption of the source video, e.g. 'a man is skiing'.")],
+    model: Annotated[str, typer.Option(help=f"Hub id or local diffusers folder. [default: $CTXEDIT_MODEL or {DEFAULT_MODEL}]", show_default=False)] = "",
+    run: Annotated[str, typer.Option("--run", help="Run directory. [default: runs/<video name>]", show_default=False)] = "",
+    frames: Annotated[int, typer.Option(help="Frames to tune on.")] = TuneSettings.frames,
+    stride: Annotated[int, typer.Option(help="Take every n-th frame.")] = TuneSettings.stride,
+    start: Annotated[int, typer.Option(help="First frame index.")] = TuneSettings.start,
+    size: Annotated[int, typer.Option(help="Short side in pixels (rounded to the model's multiple).")] = TuneSettings.size,
+    crop: Annotated[str, typer.Option(help="none (keep aspect ratio) | center (square).")] = TuneSettings.crop,
+    steps: Annotated[int, typer.Option(help="Tuning steps.")] = TuneSettings.steps,
+    lr: Annotated[float, typer.Option(help="Learning rate of the UNet parameters.")] = TuneSettings.lr,
+    adapter_lr: Annotated[float, typer.Option(help="Learning rate of the context adapter.")] = TuneSettings.adapter_lr,
+    context: Annotated[str, typer.Option(help="Shift schedule: quadratic | prior | noise | off (Tune-A-Video).")] = TuneSettings.context,
+    context_scale: Annotated[float, typer.Option(help="Scale of the context shift.")] = TuneSettings.context_scale,
+    seed: Annotated[int, typer.Option(help="Seed of initialization, timesteps and noise.")] = TuneSettings.seed,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run with the same settings.")] = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Tune the video UNet and the context adapter on one clip (once per video)."""
+    settings = TuneSettings(
+        prompt=prompt, frames=frames, stride=stride, start=start, size=size, crop=crop, steps=steps, lr=lr,
+        adapter_lr=adapter_lr, context=context, context_scale=context_scale, seed=seed,
+    )  # fmt: skip
+    from ctxedit.models.sd import default_model
+    from ctxedit.runs import Run, default_run
+    from ctxedit.tuning import tune_video
+
+    if device == "auto" and not _has_cuda():
+        err.print("[yellow]warning:[/yellow] no CUDA GPU found; running on the CPU, where a full-size SD model is slow")
+    run_dir = Run(Path(run)) if run else default_run(video)
+    with ProgressBars(quiet=json_out) as bars:
+        result = tune_video(
+            video, settings, run_dir, model or default_model(), device, precision, resume, overwrite, progress=bars
+        )
+    if json_out:
+        _print_json(asdict(result))
+    else:
+        out.print(
+            f"tuned {result.steps} steps in {result.seconds:.1f} s, loss {result.first_loss:.4f} -> "
+            f"{result.last_loss:.4f}; run: {result.run}\nnext: ctxedit edit --run {result.run} --target '...'",
+            highlight=False,
+        )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@app.command()
+@handle_errors
+def edit(
+    target: Annotated[list[str], typer.Option(help="Edited description; repeat for several edits.", show_default=False)],
+    run: RunOpt = "latest",
+    steps: Annotated[int, typer.Option(help="DDIM steps of inversion and sampling.")] = EditSettings.steps,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = EditSettings.guidance,
+    inversion_prompt: Annotated[str, typer.Option(help="source (ContextDiff) | empty (Tune-A-Video).")] = EditSettings.inversion_prompt,
+    eta: Annotated[float, typer.Option(help="DDIM eta; 0 is deterministic, > 0 adds seeded noise.")] = EditSettings.eta,
+    seed: Annotated[int | None, typer.Option(help="Seed of the eta noise. [default: the run's seed]", show_default=False)] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="Output MP4 (one target only). [default: RUN/edits/<target>.mp4]", show_default=False)] = None,
+    gif: Annotated[bool, typer.Option("--gif", help="Also write a GIF beside the MP4.")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Edit a tuned run towards one or more target texts; writes one MP4 per target."""
+    settings = EditSettings(steps=steps, guidance=guidance, inversion_prompt=inversion_prompt, eta=eta, seed=seed)
+    from ctxedit.editing import edit_run
+    from ctxedit.runs import resolve_run
+
+    run_dir = resolve_run(run)
+    with ProgressBars(quiet=json_out) as bars:
+        results = edit_run(run_dir, target, settings, out_path, gif, overwrite, device, precision, progress=bars)
+    if json_out:
+        _print_json([asdict(r) for r in results])
+        return
+    table = Table("target", "video", "frames", "size", "fps", "seconds")
+    for r in results:
+        table.add_row(r.target, r.path, str(r.frames), f"{r.width}x{r.height}", f"{r.fps:.3g}", f"{r.seconds:.1f}")
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def info(run: RunOpt = "latest", json_out: JsonOpt = False) -> None:
+    """Show what a run holds: settings, loss, edits and timings."""
+    from ctxedit.runs import resolve_run
+
+    run_dir = resolve_run(run)
+    record = run_dir.read_record()
+    if json_out:
+        _print_json(record)
+        return
+    settings, tuning = record["settings"], record.get("tuning")
+    table = Table(show_header=False, title=str(run_dir.root))
+    table.add_row("model", f"{record['model']['id']} ({record['model']['path']})")
+    table.add_row("video", f"{record['video']['path']} ({record['video']['width']}x{record['video']['height']}, {record['video']['fps']:.3g} fps)")
+    table.add_row("frames", f"{record['frames']['indices']} -> {record['size']['width']}x{record['size']['height']} at {record['fps']:.3g} fps")
+    table.add_row("prompt", settings["prompt"])
+    table.add_row("settings", ", ".join(f"{k}={v}" for k, v in settings.items() if k != "prompt"))
+    table.add_row("runtime", f"{record['runtime']['device']}, {record['runtime']['precision']}")
+    if tuning:
+        loss = tuning["loss"]
+        state = f" (stopped early: {tuning['stopped_early']})" if tuning["stopped_early"] else ""
+        table.add_row("tuning", f"{tuning['steps_done']} steps, loss {loss['first']:.4f} -> {loss['last']:.4f}{state}")
+    else:
+        table.add_row("tuning", "not finished" + (" (resumable)" if run_dir.checkpoint_path.exists() else ""))
+    table.add_row("timings", ", ".join(f"{k}={v:.2f}" for k, v in record["timings"].items()))
+    for edit in record["edits"]:
+        table.add_row("edit", f"{edit['target']!r} -> {edit['path']} ({edit['seconds']:.1f} s)")
+    out.print(table, highlight=False)
+
+
+def main() -> None:
+    app()

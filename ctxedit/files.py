@@ -1,0 +1,44 @@
+"""Writing files so that nothing that existed is ever half-overwritten or lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ctxedit.errors import RunError
+
+
+def refuse_overwrite(path: Path, overwrite: bool) -> None:
+    """Fail early, before any work, when `path` exists and `--overwrite` was not given."""
+    if path.exists() and not overwrite:
+        raise RunError(f"{path} already exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def atomic_path(dest: Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; rename it onto `dest` only if the block succeeds."""
+    refuse_overwrite(dest, overwrite)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.stem}.tmp-{os.getpid()}{dest.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(dest: Path, data: dict) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

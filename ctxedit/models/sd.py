@@ -1,0 +1,202 @@
+"""Stable Diffusion 1.x components: find and load them (hub id or local folder), encode text, encode and decode frames."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctxedit.errors import ModelError, UsageError
+from ctxedit.settings import DEFAULT_MODEL
+
+COMPONENTS = {  # subfolder -> file that proves it is there
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json",
+    "scheduler": "scheduler_config.json",
+}
+DEVICES = ("auto", "cuda", "cpu")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def default_model() -> str:
+    return os.environ.get("CTXEDIT_MODEL") or DEFAULT_MODEL
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES:
+        raise UsageError(f"unknown --device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """Compute dtype; trained parameters and the adapter stay fp32 whatever this is."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and precision == "fp16":
+        raise UsageError("--precision fp16 is not supported on the CPU; use fp32 or bf16")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    id: str  # what the user gave: hub id or folder
+    path: str  # the local folder the weights were read from
+    revision: str | None  # hub commit, None for a plain folder
+
+
+def _check_folder(folder: Path, name: str) -> None:
+    missing = [f"{sub}/{proof}" for sub, proof in COMPONENTS.items() if not (folder / sub / proof).exists()]
+    if not (folder / "model_index.json").exists():
+        missing.insert(0, "model_index.json")
+    if missing:
+        raise ModelError(
+            f"{name} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)} "
+            "(expected model_index.json and unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+
+
+def _download(model_id: str, fp16: bool) -> Path:
+    """The local snapshot of a hub model (only the SD component files); respects HF_HUB_OFFLINE."""
+    from huggingface_hub import snapshot_download
+
+    weights = ["*.fp16.safetensors"] if fp16 else ["diffusion_pytorch_model.safetensors", "model.safetensors"]
+    patterns = ["model_index.json"] + [f"{sub}/{f}" for sub in COMPONENTS for f in ["*.json", "*.txt", *weights]]
+    try:
+        folder = Path(snapshot_download(model_id, allow_patterns=patterns))
+    except Exception as error:  # offline, unknown id, gated, network: all mean "not available here"
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        where = "offline mode (HF_HUB_OFFLINE) is on and it is not in the local cache" if offline else (
+            f"it is not in the local cache and the hub could not provide it ({type(error).__name__})"
+        )
+        raise ModelError(
+            f"cannot load model {model_id!r}: {where}; download it once with `hf download {model_id}` "
+            "or pass --model PATH to a local diffusers Stable Diffusion folder"
+        ) from error
+    if fp16 and not list((folder / "unet").glob("*.safetensors")):
+        return _download(model_id, fp16=False)  # the repo has no fp16 variant
+    return folder
+
+
+def find_model(model: str, fp16: bool = False) -> ModelSource:
+    """Resolve a hub id or a local folder to a checked local diffusers folder."""
+    path = Path(model).expanduser()
+    if path.exists():
+        _check_folder(path, str(path))
+        return ModelSource(model, str(path.resolve()), None)
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelError(f"model folder {model} does not exist")
+    folder = _download(model, fp16)
+    _check_folder(folder, model)
+    return ModelSource(model, str(folder), folder.name)
+
+
+@dataclass
+class StableDiffusion:
+    """The loaded SD 1.x components, frozen, on one device at one compute dtype."""
+
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    unet: object
+    scheduler: object  # DDIMScheduler
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel multiple every frame side must have: VAE and UNet downsampling and the adapter's 4x4 patches."""
+        unet_down = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return self.vae_scale * int(np.lcm(unet_down, 4))
+
+    def autocast(self):
+        """fp16/bf16 autocast at reduced precision; nothing at fp32."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Token hidden states (b, tokens, dim) in fp32."""
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].float()
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """uint8 frames (f, h, w, 3) -> scaled latents (1, f, c, h/s, w/s) in fp32, one frame at a time."""
+        latents = []
+        for i, frame in enumerate(frames):
+            pixels = torch.from_numpy(frame).to(self.device).permute(2, 0, 1)[None]  # (1, 3, h, w)
+            pixels = (pixels.to(self.dtype) / 127.5 - 1).contiguous()
+            latents.append(self.vae.encode(pixels).latent_dist.mean.float() * self.vae.config.scaling_factor)
+            if callback:
+                callback(i + 1, len(frames))
+        return torch.cat(latents)[None]
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, callback: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Latents (1, f, c, h, w) -> uint8 frames (f, h*s, w*s, 3), one frame at a time to bound memory."""
+        frames = []
+        for i, latent in enumerate(latents[0]):
+            image = self.vae.decode((latent[None] / self.vae.config.scaling_factor).to(self.dtype)).sample
+            image = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            frames.append(image[0].permute(1, 2, 0).cpu().numpy())
+            if callback:
+                callback(i + 1, len(latents[0]))
+        return np.stack(frames)
+
+
+def _variant(folder: Path, fp16: bool) -> str | None:
+    return "fp16" if fp16 and any(folder.glob("*.fp16.safetensors")) else None
+
+
+def load_sd(model: str, device: torch.device, dtype: torch.dtype) -> StableDiffusion:
+    """Load the SD 1.x components of a hub id or local folder, frozen, on `device` at `dtype`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    fp16 = dtype == torch.float16 and device.type == "cuda"
+    source = find_model(model, fp16)
+    folder = Path(source.path)
+    loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    parts = {}
+    try:
+        for name, cls in loaders.items():
+            variant = _variant(folder / name, fp16)
+            module = cls.from_pretrained(folder / name, variant=variant, torch_dtype=dtype)
+            parts[name] = module.to(device).requires_grad_(False).eval()
+        parts["tokenizer"] = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        parts["scheduler"] = DDIMScheduler.from_pretrained(folder / "scheduler")
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"cannot load the Stable Diffusion components of {model}: {first_line}") from error
+    if parts["scheduler"].config.prediction_type != "epsilon":
+        raise ModelError(f"{model} predicts {parts['scheduler'].config.prediction_type}; ctxedit needs an SD 1.x epsilon model")
+    if parts["unet"].config.cross_attention_dim != parts["text_encoder"].config.hidden_size:
+        raise ModelError(f"{model}: the UNet's cross-attention width does not match its text encoder")
+    return StableDiffusion(**parts, source=source, device=device, dtype=dtype)

@@ -1,0 +1,117 @@
+"""The run directory: where a tuning run keeps its record, caches, weights and edits; and progress events.
+
+runs/<video-stem>/
+  run.json               settings, versions, source video, loss summary, timings, one entry per edit
+  source.safetensors     VAE latents of the frames and the source prompt's text states (computed once)
+  tuned.safetensors      the trained UNet parameters and the context adapter, nothing else
+  checkpoint.pt          tuning state for --resume (removed when tuning finishes)
+  inversions/<key>.safetensors   inverted latents, keyed by every setting they depend on
+  edits/<slug>.mp4       the edited videos
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctxedit.errors import RunError
+from ctxedit.files import write_json
+
+RUNS_ROOT = Path("runs")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    stage: str  # encode | tune | invert | edit | decode
+    done: int
+    total: int
+    loss: float | None = None
+    label: str = ""  # what the stage works on, e.g. the target text
+
+
+Progress = Callable[[ProgressEvent], None]
+
+
+def slugify(text: str, max_length: int = 60) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_length].rstrip("-") or "untitled"
+
+
+@dataclass(frozen=True)
+class Run:
+    root: Path
+
+    @property
+    def record_path(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def source_path(self) -> Path:
+        return self.root / "source.safetensors"
+
+    @property
+    def tuned_path(self) -> Path:
+        return self.root / "tuned.safetensors"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    def inversion_path(self, key: str) -> Path:
+        return self.root / "inversions" / f"{key}.safetensors"
+
+    def edit_path(self, target: str) -> Path:
+        return self.root / "edits" / f"{slugify(target)}.mp4"
+
+    def read_record(self) -> dict:
+        if not self.record_path.exists():
+            raise RunError(f"{self.root} holds no run; tune first: ctxedit tune VIDEO --prompt ... --run {self.root}")
+        try:
+            return json.loads(self.record_path.read_text())
+        except json.JSONDecodeError as error:
+            raise RunError(f"{self.record_path} is damaged ({error.msg}); tune again with --overwrite") from error
+
+    def write_record(self, record: dict) -> None:
+        write_json(self.record_path, record)
+
+    def require_tuned(self) -> dict:
+        """The record of a finished tuning run, or a RunError that says what to do."""
+        record = self.read_record()
+        if not self.tuned_path.exists() or "tuning" not in record:
+            hint = "--resume it" if self.checkpoint_path.exists() else "run ctxedit tune"
+            raise RunError(f"{self.root} has no finished tuning; {hint} first")
+        return record
+
+
+def default_run(video: Path) -> Run:
+    return Run(RUNS_ROOT / slugify(video.stem))
+
+
+def resolve_run(spec: str | None) -> Run:
+    """A run directory by path, or `latest`: the run under runs/ whose record changed last."""
+    if spec and spec != "latest":
+        return Run(Path(spec))
+    records = sorted(RUNS_ROOT.glob("*/run.json"), key=lambda p: p.stat().st_mtime)
+    if not records:
+        raise RunError(f"no runs under {RUNS_ROOT}/; tune first: ctxedit tune VIDEO --prompt ...")
+    return Run(records[-1].parent)
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    from ctxedit import __version__
+
+    return {
+        "ctxedit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }

@@ -1,0 +1,85 @@
+"""Typed settings of tuning and editing, validated on construction. Imports nothing heavy (the CLI reads the defaults)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from ctxedit.errors import UsageError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # overridden by $CTXEDIT_MODEL
+CONTEXTS = ("quadratic", "prior", "noise", "off")
+CROPS = ("none", "center")
+INVERSION_PROMPTS = ("source", "empty")
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"unknown {flag} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def _at_least(flag: str, value: float, low: float) -> None:
+    if not (math.isfinite(value) and value >= low):
+        raise UsageError(f"{flag} must be a number >= {low}, got {value}")
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    prompt: str  # the source caption, e.g. "a man is skiing"
+    frames: int = 8  # ContextDiff's release; Tune-A-Video used 24
+    stride: int = 2  # every 2nd frame: more motion per clip at the same cost
+    start: int = 0
+    size: int = 512  # short side in pixels, SD 1.x's native resolution
+    crop: str = "none"  # keep the aspect ratio; "center" gives a square
+    steps: int = 300  # between the two releases (500 and 200)
+    lr: float = 3e-5  # Tune-A-Video's UNet learning rate
+    adapter_lr: float = 1e-4  # higher than the UNet's: the adapter starts from a zero head
+    context: str = "quadratic"  # shift schedule; "off" is exact Tune-A-Video
+    context_scale: float = 1.0
+    seed: int = 33
+    weight_decay: float = 1e-2  # AdamW, as Tune-A-Video
+    max_grad_norm: float = 1.0  # clipped per group: UNet and adapter separately
+    checkpoint_every: int = 50  # steps between resumable checkpoints
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise UsageError("--prompt is empty; describe the source video, e.g. --prompt 'a man is skiing'")
+        _choice("--crop", self.crop, CROPS)
+        _choice("--context", self.context, CONTEXTS)
+        for flag, value in (("--frames", self.frames), ("--stride", self.stride), ("--steps", self.steps)):
+            _at_least(flag, value, 1)
+        _at_least("--start", self.start, 0)
+        _at_least("--size", self.size, 8)
+        _at_least("--lr", self.lr, 0)
+        _at_least("--adapter-lr", self.adapter_lr, 0)
+        _at_least("--context-scale", abs(self.context_scale), 0)
+        _at_least("--checkpoint-every", self.checkpoint_every, 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def differences(self, recorded: dict, ignore: tuple[str, ...] = ("steps",)) -> list[str]:
+        """Settings that differ from a recorded run, as 'name: recorded -> now'."""
+        return [
+            f"{f.name}: {recorded.get(f.name)!r} -> {getattr(self, f.name)!r}"
+            for f in fields(self)
+            if f.name not in ignore and recorded.get(f.name) != getattr(self, f.name)
+        ]
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    steps: int = 50  # DDIM steps for inversion and for sampling
+    guidance: float = 7.5  # ContextDiff's CFG scale; Tune-A-Video used 12.5
+    inversion_prompt: str = "source"  # "empty" is Tune-A-Video's inversion
+    eta: float = 0.0  # 0: deterministic DDIM; > 0 adds seeded noise
+    seed: int | None = None  # None: the run's tuning seed
+
+    def __post_init__(self) -> None:
+        _choice("--inversion-prompt", self.inversion_prompt, INVERSION_PROMPTS)
+        _at_least("--steps", self.steps, 1)
+        _at_least("--guidance", self.guidance, 0)
+        _at_least("--eta", self.eta, 0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

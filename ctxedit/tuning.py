@@ -1,0 +1,275 @@
+"""One-shot tuning on one clip with the contextualized forward process (METHOD.md sections 1 and 4).
+
+`tune_video` is what the CLI calls: it prepares the run (video, caches, record), builds the model and
+runs `tune`, the flat training loop. The loop saves a checkpoint every few steps and on Ctrl-C, and
+stops on a non-finite loss with the last good parameters kept.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ctxedit import video as videos
+from ctxedit.diffusion import ShiftSchedule
+from ctxedit.errors import Interrupted, RunError, TuningDiverged
+from ctxedit.files import atomic_path, sha256_of
+from ctxedit.models.adapter import ContextAdapter
+from ctxedit.models.inflate import VideoUNet
+from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_precision
+from ctxedit.models.trained import build, load_trained_state, save_trained, trained_state
+from ctxedit.runs import Progress, ProgressEvent, Run, versions
+from ctxedit.settings import TuneSettings
+
+
+@dataclass
+class TuneLog:
+    losses: list[float]  # one per step done, resumed steps included
+    stopped_early: str | None = None  # why tuning ended before --steps
+
+
+@dataclass
+class TuneResult:
+    run: str
+    steps: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+    stopped_early: str | None  # why tuning ended before --steps, if it did
+
+
+# ---- the training loop -------------------------------------------------------------------------------------
+
+
+def training_loss(
+    model: VideoUNet,
+    adapter: ContextAdapter | None,
+    x0: torch.Tensor,
+    text: torch.Tensor,
+    sd: StableDiffusion,
+    shift: ShiftSchedule,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Noise-prediction loss at one random t on the contextual forward marginal x_t = √ā x0 + k_t r + √(1-ā) ε."""
+    scheduler = sd.scheduler
+    t = int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator, device=x0.device))
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    x_t = scheduler.add_noise(x0, noise, torch.tensor([t]))
+    if adapter is not None:
+        # The adapter learns through x_t: its output shifts where the UNet has to denoise from.
+        x_t = x_t + shift(scheduler.alphas_cumprod[t]).to(x0.device) * adapter(x0, text)
+    with sd.autocast():
+        pred_epsilon = model(x_t.to(sd.dtype), t, text.to(sd.dtype))
+    return F.mse_loss(pred_epsilon.float(), noise)
+
+
+def _save_checkpoint(path, model, adapter, optimizer, generator, scaler, losses) -> None:
+    state = {
+        "losses": losses,
+        "trained": {n: t.cpu() for n, t in trained_state(model, adapter).items()},
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "scaler": scaler.state_dict(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _restore_checkpoint(path, model, adapter, optimizer, generator, scaler) -> list[float]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    load_trained_state(state["trained"], model, adapter)
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    scaler.load_state_dict(state["scaler"])
+    return state["losses"]
+
+
+def tune(
+    model: VideoUNet,
+    adapter: ContextAdapter | None,
+    x0: torch.Tensor,
+    text: torch.Tensor,
+    sd: StableDiffusion,
+    settings: TuneSettings,
+    checkpoint: Path,
+    progress: Progress | None = None,
+) -> TuneLog:
+    """Tune the trainable UNet parameters and the adapter; resumes from `checkpoint` when it exists.
+
+    Ctrl-C saves the checkpoint and raises Interrupted. A non-finite loss ends tuning before its update,
+    so the parameters stay those of the last good step.
+    """
+    shift = ShiftSchedule(settings.context, settings.context_scale)
+    unet_params = list(model.trainable_parameters().values())
+    adapter_params = list(adapter.parameters()) if adapter is not None else []
+    groups = [{"params": unet_params, "lr": settings.lr}]
+    if adapter_params:
+        groups.append({"params": adapter_params, "lr": settings.adapter_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    scaler = torch.amp.GradScaler(sd.device.type, enabled=sd.dtype == torch.float16)
+    generator = torch.Generator(sd.device).manual_seed(settings.seed)
+    losses: list[float] = []
+    if checkpoint.exists():
+        losses = _restore_checkpoint(checkpoint, model, adapter, optimizer, generator, scaler)
+    save = lambda: _save_checkpoint(checkpoint, model, adapter, optimizer, generator, scaler, losses)  # noqa: E731
+
+    model.train()
+    try:
+        for step in range(len(losses), settings.steps):
+            loss = training_loss(model, adapter, x0, text, sd, shift, generator)
+            if not math.isfinite(loss.item()):
+                return TuneLog(losses, stopped_early=f"the loss became {loss.item()} at step {step + 1}")
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            # Clipped separately: with one clip, the adapter's gradients would rescale the UNet's update.
+            torch.nn.utils.clip_grad_norm_(unet_params, settings.max_grad_norm)
+            if adapter_params:
+                torch.nn.utils.clip_grad_norm_(adapter_params, settings.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if progress:
+                progress(ProgressEvent("tune", step + 1, settings.steps, loss=losses[-1]))
+            if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
+                save()
+    except KeyboardInterrupt:
+        save()
+        raise Interrupted(f"tuning interrupted after step {len(losses)}; checkpoint saved, continue with --resume")
+    finally:
+        model.eval()
+    return TuneLog(losses)
+
+
+# ---- the run around it -------------------------------------------------------------------------------------
+
+
+def _check_run_state(run: Run, settings: TuneSettings, resume: bool, overwrite: bool) -> dict | None:
+    """The record to resume from, or None for a fresh run; refuses to clobber a finished one."""
+    if resume:
+        if not run.checkpoint_path.exists():
+            raise RunError(f"nothing to resume in {run.root}: no checkpoint (tuning finished or never started)")
+        record = run.read_record()
+        differences = settings.differences(record["settings"])
+        if differences:
+            raise RunError(f"--resume needs the interrupted run's settings; these differ: {'; '.join(differences)}")
+        return record
+    if run.record_path.exists() and not overwrite:
+        raise RunError(f"{run.root} already holds a run; pass --overwrite to start again or --resume to continue")
+    for stale in (run.tuned_path, run.checkpoint_path, run.source_path):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(run.root / "inversions", ignore_errors=True)
+    return None
+
+
+def _prepare_source(sd: StableDiffusion, video: Path, settings: TuneSettings, run: Run, progress: Progress | None):
+    """Frames -> latents and prompt -> text states, once per run (cached in the run directory)."""
+    from safetensors.torch import load_file, save_file
+
+    info = videos.probe(video)
+    indices = videos.frame_indices(info.num_frames, settings.frames, settings.stride, settings.start)
+    width, height = videos.processed_size(info.width, info.height, settings.size, sd.size_multiple, settings.crop)
+    source = {
+        "path": str(video.resolve()),
+        "sha256": sha256_of(video),
+        "width": info.width,
+        "height": info.height,
+        "fps": info.fps,
+        "num_frames": info.num_frames,
+        "has_audio": info.has_audio,
+    }
+    if run.source_path.exists():  # resuming: the cache was made from these very settings
+        cache = load_file(str(run.source_path), device=str(sd.device))
+        return cache["latents"], cache["text"], source, indices, (width, height)
+    frames = videos.resize_frames(videos.read_frames(info, indices), (width, height))
+    callback = (lambda done, total: progress(ProgressEvent("encode", done, total))) if progress else None
+    latents = sd.encode_frames(frames, callback)
+    text = sd.encode_text([settings.prompt])
+    with atomic_path(run.source_path) as tmp:
+        save_file({"latents": latents.contiguous().cpu(), "text": text.contiguous().cpu()}, str(tmp))
+    return latents, text, source, indices, (width, height)
+
+
+def _loss_summary(losses: list[float]) -> dict:
+    tail = losses[-max(1, len(losses) // 10) :]
+    stride = max(1, len(losses) // 100)
+    return {
+        "first": losses[0] if losses else None,
+        "last": losses[-1] if losses else None,
+        "min": min(losses, default=None),
+        "mean_last_10pct": sum(tail) / len(tail) if losses else None,
+        "curve": losses[::stride],  # at most ~100 points
+        "curve_stride": stride,
+    }
+
+
+def tune_video(
+    video: Path,
+    settings: TuneSettings,
+    run: Run,
+    model_id: str,
+    device: str = "auto",
+    precision: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    gradient_checkpointing: bool | None = None,
+    progress: Progress | None = None,
+) -> TuneResult:
+    """Tune on one video and record everything in the run directory."""
+    started = time.perf_counter()
+    recorded = _check_run_state(run, settings, resume, overwrite)
+    torch_device = resolve_device(device)
+    dtype = resolve_precision(precision, torch_device)
+    sd = load_sd(recorded["model"]["id"] if recorded else model_id, torch_device, dtype)
+    loaded = time.perf_counter()
+
+    x0, text, source, indices, (width, height) = _prepare_source(sd, video, settings, run, progress)
+    if recorded and recorded["video"]["sha256"] != source["sha256"]:
+        raise RunError(f"--resume needs the same video; {video} differs from the one {run.root} was tuned on")
+    encoded = time.perf_counter()
+
+    model, adapter = build(sd, settings.context != "off" and settings.context_scale != 0, settings.seed)
+    if gradient_checkpointing if gradient_checkpointing is not None else torch_device.type == "cuda":
+        sd.unet.enable_gradient_checkpointing()
+    record = {
+        "versions": versions(),
+        "model": asdict(sd.source),
+        "video": source,
+        "frames": {"indices": indices, "start": settings.start, "stride": settings.stride, "count": settings.frames},
+        "size": {"width": width, "height": height, "latent": list(x0.shape[-2:])},
+        "fps": source["fps"] / settings.stride,
+        "settings": settings.to_dict(),
+        "runtime": {"device": str(torch_device), "precision": str(dtype).removeprefix("torch.")},
+        "timings": {"load_s": loaded - started, "encode_s": encoded - loaded},
+        "edits": recorded.get("edits", []) if recorded else [],
+    }
+    run.write_record(record)
+
+    log = tune(model, adapter, x0, text, sd, settings, run.checkpoint_path, progress)
+    losses = log.losses
+    save_trained(run.tuned_path, model, adapter)
+    run.checkpoint_path.unlink(missing_ok=True)
+    tuned = time.perf_counter()
+    record["tuning"] = {"steps_done": len(losses), "stopped_early": log.stopped_early, "loss": _loss_summary(losses)}
+    record["timings"].update(tune_s=tuned - encoded, tune_step_s=(tuned - encoded) / max(1, len(losses)))
+    run.write_record(record)
+    result = TuneResult(
+        run=str(run.root),
+        steps=len(losses),
+        first_loss=losses[0] if losses else math.nan,
+        last_loss=losses[-1] if losses else math.nan,
+        seconds=tuned - started,
+        stopped_early=log.stopped_early,
+    )
+    if log.stopped_early:
+        raise TuningDiverged(
+            f"{log.stopped_early}; the parameters of the step before are kept in {run.tuned_path} "
+            "(edit works with them); for a full run lower --lr or use --precision fp32 and tune again"
+        )
+    return result
