@@ -1,11 +1,10 @@
-"""The `ctxedit` command: parse and check flags, call one library function, print. Heavy imports stay inside commands."""
+"""The `ctxedit` command: check flags, call one library function, print. Heavy imports stay inside commands."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -38,7 +37,9 @@ def _known_error(error: Exception) -> str | None:
     import torch
 
     if isinstance(error, torch.cuda.OutOfMemoryError):
-        return "out of GPU memory; try fewer --frames, a smaller --size, --precision fp16, or closing other GPU programs"
+        return (
+            "out of GPU memory; try fewer --frames, a smaller --size, --precision fp16, or closing other GPU programs"
+        )
     if isinstance(error, PermissionError):
         return f"permission denied: {error.filename}; choose a --run or --out folder you can write to"
     if isinstance(error, OSError) and error.errno == 28:
@@ -114,22 +115,35 @@ def _print_json(data) -> None:
 def tune(
     video: Annotated[Path, typer.Argument(help="Source video (MP4, MOV, AVI, WEBM, MKV or GIF).", show_default=False)],
     prompt: Annotated[str, typer.Option(help="Caption of the source video, e.g. 'a man is skiing'.")],
-    model: Annotated[str, typer.Option(help=f"Hub id or local diffusers folder. [default: $CTXEDIT_MODEL or {DEFAULT_MODEL}]", show_default=False)] = "",
-    run: Annotated[str, typer.Option("--run", help="Run directory. [default: runs/<video name>]", show_default=False)] = "",
+    model: Annotated[
+        str,
+        typer.Option(
+            help=f"Hub id or local diffusers folder. [default: $CTXEDIT_MODEL or {DEFAULT_MODEL}]", show_default=False
+        ),
+    ] = "",
+    run: Annotated[
+        str, typer.Option("--run", help="Run directory. [default: runs/<video name>]", show_default=False)
+    ] = "",
     frames: Annotated[int, typer.Option(help="Frames to tune on.")] = TuneSettings.frames,
     stride: Annotated[int, typer.Option(help="Take every n-th frame.")] = TuneSettings.stride,
     start: Annotated[int, typer.Option(help="First frame index.")] = TuneSettings.start,
-    size: Annotated[int, typer.Option(help="Short side in pixels (rounded to the model's multiple).")] = TuneSettings.size,
+    size: Annotated[
+        int, typer.Option(help="Short side in pixels (rounded to the model's multiple).")
+    ] = TuneSettings.size,
     crop: Annotated[str, typer.Option(help="none (keep aspect ratio) | center (square).")] = TuneSettings.crop,
     steps: Annotated[int, typer.Option(help="Tuning steps.")] = TuneSettings.steps,
     lr: Annotated[float, typer.Option(help="Learning rate of the UNet parameters.")] = TuneSettings.lr,
     adapter_lr: Annotated[float, typer.Option(help="Learning rate of the context adapter.")] = TuneSettings.adapter_lr,
-    context: Annotated[str, typer.Option(help="Shift schedule: quadratic | prior | noise | off (Tune-A-Video).")] = TuneSettings.context,
+    context: Annotated[
+        str, typer.Option(help="Shift schedule: quadratic | prior | noise | off (Tune-A-Video).")
+    ] = TuneSettings.context,
     context_scale: Annotated[float, typer.Option(help="Scale of the context shift.")] = TuneSettings.context_scale,
     seed: Annotated[int, typer.Option(help="Seed of initialization, timesteps and noise.")] = TuneSettings.seed,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run with the same settings.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run with the same settings.")
+    ] = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -143,7 +157,10 @@ def tune(
     from ctxedit.tuning import tune_video
 
     if device == "auto" and not _has_cuda():
-        err.print("[yellow]warning:[/yellow] no CUDA GPU found; running on the CPU, where a full-size SD model is slow")
+        err.print(
+            "[yellow]warning:[/yellow] no CUDA GPU found; running on the CPU, where full-size SD is slow",
+            soft_wrap=True,
+        )
     run_dir = Run(Path(run)) if run else default_run(video)
     with ProgressBars(quiet=json_out) as bars:
         result = tune_video(
@@ -168,14 +185,25 @@ def _has_cuda() -> bool:
 @app.command()
 @handle_errors
 def edit(
-    target: Annotated[list[str], typer.Option(help="Edited description; repeat for several edits.", show_default=False)],
+    target: Annotated[
+        list[str], typer.Option(help="Edited description; repeat for several edits.", show_default=False)
+    ],
     run: RunOpt = "latest",
     steps: Annotated[int, typer.Option(help="DDIM steps of inversion and sampling.")] = EditSettings.steps,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = EditSettings.guidance,
-    inversion_prompt: Annotated[str, typer.Option(help="source (ContextDiff) | empty (Tune-A-Video).")] = EditSettings.inversion_prompt,
+    inversion_prompt: Annotated[
+        str, typer.Option(help="source (ContextDiff) | empty (Tune-A-Video).")
+    ] = EditSettings.inversion_prompt,
     eta: Annotated[float, typer.Option(help="DDIM eta; 0 is deterministic, > 0 adds seeded noise.")] = EditSettings.eta,
-    seed: Annotated[int | None, typer.Option(help="Seed of the eta noise. [default: the run's seed]", show_default=False)] = None,
-    out_path: Annotated[Path | None, typer.Option("--out", help="Output MP4 (one target only). [default: RUN/edits/<target>.mp4]", show_default=False)] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the eta noise. [default: the run's seed]", show_default=False)
+    ] = None,
+    out_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Output MP4 (one target only). [default: RUN/edits/<target>.mp4]", show_default=False
+        ),
+    ] = None,
     gif: Annotated[bool, typer.Option("--gif", help="Also write a GIF beside the MP4.")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -193,9 +221,10 @@ def edit(
     if json_out:
         _print_json([asdict(r) for r in results])
         return
-    table = Table("target", "video", "frames", "size", "fps", "seconds")
+    table = Table("target", "frames", "size", "fps", "seconds", "video")
+    table.columns[-1].overflow = "fold"
     for r in results:
-        table.add_row(r.target, r.path, str(r.frames), f"{r.width}x{r.height}", f"{r.fps:.3g}", f"{r.seconds:.1f}")
+        table.add_row(r.target, str(r.frames), f"{r.width}x{r.height}", f"{r.fps:.3g}", f"{r.seconds:.1f}", r.path)
     out.print(table)
 
 
@@ -210,11 +239,13 @@ def info(run: RunOpt = "latest", json_out: JsonOpt = False) -> None:
     if json_out:
         _print_json(record)
         return
-    settings, tuning = record["settings"], record.get("tuning")
+    settings, tuning, source, size = record["settings"], record.get("tuning"), record["video"], record["size"]
     table = Table(show_header=False, title=str(run_dir.root))
     table.add_row("model", f"{record['model']['id']} ({record['model']['path']})")
-    table.add_row("video", f"{record['video']['path']} ({record['video']['width']}x{record['video']['height']}, {record['video']['fps']:.3g} fps)")
-    table.add_row("frames", f"{record['frames']['indices']} -> {record['size']['width']}x{record['size']['height']} at {record['fps']:.3g} fps")
+    table.add_row("video", f"{source['path']} ({source['width']}x{source['height']}, {source['fps']:.3g} fps)")
+    table.add_row(
+        "frames", f"{record['frames']['indices']} -> {size['width']}x{size['height']} at {record['fps']:.3g} fps"
+    )
     table.add_row("prompt", settings["prompt"])
     table.add_row("settings", ", ".join(f"{k}={v}" for k, v in settings.items() if k != "prompt"))
     table.add_row("runtime", f"{record['runtime']['device']}, {record['runtime']['precision']}")

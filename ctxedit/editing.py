@@ -24,7 +24,7 @@ from ctxedit.models.adapter import ContextAdapter
 from ctxedit.models.inflate import VideoUNet
 from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_precision
 from ctxedit.models.trained import build, load_trained
-from ctxedit.runs import Progress, ProgressEvent, Run
+from ctxedit.runs import Progress, ProgressEvent, Run, recorded_model
 from ctxedit.settings import EditSettings
 
 
@@ -61,18 +61,13 @@ def load_tuned(run: Run, device: str = "auto", precision: str = "auto") -> Tuned
 
     record = run.require_tuned()
     torch_device = resolve_device(device)
-    sd = load_sd(_model_location(record["model"]), torch_device, resolve_precision(precision, torch_device))
+    sd = load_sd(recorded_model(record), torch_device, resolve_precision(precision, torch_device))
     settings = record["settings"]
     shift = ShiftSchedule(settings["context"], settings["context_scale"])
     model, adapter = build(sd, shift.active, settings["seed"])
     load_trained(run.tuned_path, model, adapter)
     cache = load_file(str(run.source_path), device=str(torch_device))
     return Tuned(run, record, sd, model, adapter, shift, cache["latents"], cache["text"])
-
-
-def _model_location(model: dict) -> str:
-    """The folder the run was tuned from when it is still there (same weights), else the id."""
-    return model["path"] if Path(model["path"]).exists() else model["id"]
 
 
 def predictor(tuned: Tuned, text: torch.Tensor, uncond: torch.Tensor | None = None, guidance: float = 1.0):
@@ -119,7 +114,9 @@ def invert_source(tuned: Tuned, settings: EditSettings, progress: Progress | Non
     text = tuned.source_text if settings.inversion_prompt == "source" else tuned.sd.encode_text([""])
     # The context of the source trajectory stays fixed: R(x0_src, c_src).
     context = tuned.adapter(tuned.x0, tuned.source_text) if tuned.adapter is not None else None
-    latents = diffusion.invert(predictor(tuned, text), tuned.x0, scheduler, context, tuned.shift, _stage(progress, "invert"))
+    latents = diffusion.invert(
+        predictor(tuned, text), tuned.x0, scheduler, context, tuned.shift, _stage(progress, "invert")
+    )
     with atomic_path(path) as tmp:
         save_file({"latents": latents.contiguous().cpu()}, str(tmp))
     return latents, False
@@ -193,7 +190,7 @@ def edit_run(
     tuned = load_tuned(run, device, precision)
     record = tuned.record
     results = []
-    for target, path in zip(targets, paths):
+    for target, path in zip(targets, paths, strict=True):
         started = time.perf_counter()
         inverted, cached = invert_source(tuned, settings, progress)
         latents = edit_latents(tuned, inverted, target, settings, progress)

@@ -1,4 +1,4 @@
-"""Typed settings of tuning and editing, validated on construction. Imports nothing heavy (the CLI reads the defaults)."""
+"""Typed settings of tuning and editing, validated on construction. Light to import: the CLI reads the defaults."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class TuneSettings:
         for flag, value in (("--frames", self.frames), ("--stride", self.stride), ("--steps", self.steps)):
             _at_least(flag, value, 1)
         _at_least("--start", self.start, 0)
-        _at_least("--size", self.size, 8)
+        _at_least("--size", self.size, 1)
         _at_least("--lr", self.lr, 0)
         _at_least("--adapter-lr", self.adapter_lr, 0)
         _at_least("--context-scale", abs(self.context_scale), 0)

@@ -24,7 +24,7 @@ from ctxedit.models.adapter import ContextAdapter
 from ctxedit.models.inflate import VideoUNet
 from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_precision
 from ctxedit.models.trained import build, load_trained_state, save_trained, trained_state
-from ctxedit.runs import Progress, ProgressEvent, Run, versions
+from ctxedit.runs import Progress, ProgressEvent, Run, recorded_model, versions
 from ctxedit.settings import TuneSettings
 
 
@@ -141,7 +141,9 @@ def tune(
                 save()
     except KeyboardInterrupt:
         save()
-        raise Interrupted(f"tuning interrupted after step {len(losses)}; checkpoint saved, continue with --resume")
+        raise Interrupted(
+            f"tuning interrupted after step {len(losses)}; checkpoint saved, continue with --resume"
+        ) from None
     finally:
         model.eval()
     return TuneLog(losses)
@@ -151,7 +153,7 @@ def tune(
 
 
 def _check_run_state(run: Run, settings: TuneSettings, resume: bool, overwrite: bool) -> dict | None:
-    """The record to resume from, or None for a fresh run; refuses to clobber a finished one."""
+    """The record to resume from, or None for a fresh run; refuses to clobber a finished one. Changes nothing."""
     if resume:
         if not run.checkpoint_path.exists():
             raise RunError(f"nothing to resume in {run.root}: no checkpoint (tuning finished or never started)")
@@ -162,20 +164,18 @@ def _check_run_state(run: Run, settings: TuneSettings, resume: bool, overwrite: 
         return record
     if run.record_path.exists() and not overwrite:
         raise RunError(f"{run.root} already holds a run; pass --overwrite to start again or --resume to continue")
-    for stale in (run.tuned_path, run.checkpoint_path, run.source_path):
-        stale.unlink(missing_ok=True)
-    shutil.rmtree(run.root / "inversions", ignore_errors=True)
     return None
 
 
-def _prepare_source(sd: StableDiffusion, video: Path, settings: TuneSettings, run: Run, progress: Progress | None):
-    """Frames -> latents and prompt -> text states, once per run (cached in the run directory)."""
-    from safetensors.torch import load_file, save_file
+def _clear_caches(run: Run) -> None:
+    """Remove what an earlier tuning of this run left (edited videos stay)."""
+    for stale in (run.tuned_path, run.checkpoint_path, run.source_path):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(run.root / "inversions", ignore_errors=True)
 
-    info = videos.probe(video)
-    indices = videos.frame_indices(info.num_frames, settings.frames, settings.stride, settings.start)
-    width, height = videos.processed_size(info.width, info.height, settings.size, sd.size_multiple, settings.crop)
-    source = {
+
+def _describe_source(video: Path, info: videos.VideoInfo) -> dict:
+    return {
         "path": str(video.resolve()),
         "sha256": sha256_of(video),
         "width": info.width,
@@ -184,16 +184,30 @@ def _prepare_source(sd: StableDiffusion, video: Path, settings: TuneSettings, ru
         "num_frames": info.num_frames,
         "has_audio": info.has_audio,
     }
-    if run.source_path.exists():  # resuming: the cache was made from these very settings
+
+
+def _encode_source(
+    sd: StableDiffusion,
+    info: videos.VideoInfo,
+    indices: list[int],
+    size: tuple[int, int],
+    prompt: str,
+    run: Run,
+    progress: Progress | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames -> latents and prompt -> text states, once per run (cached in the run directory for --resume)."""
+    from safetensors.torch import load_file, save_file
+
+    if run.source_path.exists():
         cache = load_file(str(run.source_path), device=str(sd.device))
-        return cache["latents"], cache["text"], source, indices, (width, height)
-    frames = videos.resize_frames(videos.read_frames(info, indices), (width, height))
+        return cache["latents"], cache["text"]
+    frames = videos.resize_frames(videos.read_frames(info, indices), size)
     callback = (lambda done, total: progress(ProgressEvent("encode", done, total))) if progress else None
     latents = sd.encode_frames(frames, callback)
-    text = sd.encode_text([settings.prompt])
+    text = sd.encode_text([prompt])
     with atomic_path(run.source_path) as tmp:
         save_file({"latents": latents.contiguous().cpu(), "text": text.contiguous().cpu()}, str(tmp))
-    return latents, text, source, indices, (width, height)
+    return latents, text
 
 
 def _loss_summary(losses: list[float]) -> dict:
@@ -224,17 +238,23 @@ def tune_video(
     """Tune on one video and record everything in the run directory."""
     started = time.perf_counter()
     recorded = _check_run_state(run, settings, resume, overwrite)
-    torch_device = resolve_device(device)
-    dtype = resolve_precision(precision, torch_device)
-    sd = load_sd(recorded["model"]["id"] if recorded else model_id, torch_device, dtype)
-    loaded = time.perf_counter()
-
-    x0, text, source, indices, (width, height) = _prepare_source(sd, video, settings, run, progress)
+    info = videos.probe(video)
+    indices = videos.frame_indices(info.num_frames, settings.frames, settings.stride, settings.start)
+    source = _describe_source(video, info)
     if recorded and recorded["video"]["sha256"] != source["sha256"]:
         raise RunError(f"--resume needs the same video; {video} differs from the one {run.root} was tuned on")
+    torch_device = resolve_device(device)
+    dtype = resolve_precision(precision, torch_device)
+    sd = load_sd(recorded_model(recorded) if recorded else model_id, torch_device, dtype)
+    width, height = videos.processed_size(info.width, info.height, settings.size, sd.size_multiple, settings.crop)
+    if not recorded:
+        _clear_caches(run)  # only now that the video and the model are known to work
+    loaded = time.perf_counter()
+
+    x0, text = _encode_source(sd, info, indices, (width, height), settings.prompt, run, progress)
     encoded = time.perf_counter()
 
-    model, adapter = build(sd, settings.context != "off" and settings.context_scale != 0, settings.seed)
+    model, adapter = build(sd, ShiftSchedule(settings.context, settings.context_scale).active, settings.seed)
     if gradient_checkpointing if gradient_checkpointing is not None else torch_device.type == "cuda":
         sd.unet.enable_gradient_checkpointing()
     record = {

@@ -48,8 +48,8 @@ class AudioSpan:
     duration_s: float
 
 
-def _probe_header(path: Path) -> tuple[int, int, float, bool]:
-    """(width, height, fps, has_audio) from ffmpeg's description of the file."""
+def _probe_header(path: Path) -> tuple[int, int, float, bool, float | None]:
+    """(width, height, fps, has_audio, duration in seconds if known) from ffmpeg's description of the file."""
     text = _ffmpeg(["-i", str(path)]).stderr.decode(errors="replace")
     stream = re.search(r"Stream #\S+.*?: Video: (.*)", text)
     if stream is None:
@@ -59,7 +59,11 @@ def _probe_header(path: Path) -> tuple[int, int, float, bool]:
     if size is None or rate is None:
         raise VideoError(f"{path}: cannot read the frame size or frame rate of its video stream")
     fps = float(rate.group(1)) * (1000 if rate.group(2) else 1)
-    return int(size.group(1)), int(size.group(2)), fps, "Audio:" in text
+    duration = re.search(r"Duration: (\d+):(\d+):([\d.]+)", text)
+    seconds = (
+        int(duration.group(1)) * 3600 + int(duration.group(2)) * 60 + float(duration.group(3)) if duration else None
+    )
+    return int(size.group(1)), int(size.group(2)), fps, "Audio:" in text, seconds
 
 
 def _decord_reader(path: Path):
@@ -88,12 +92,15 @@ def probe(path: Path) -> VideoInfo:
         raise VideoError(f"{path} does not exist")
     if not path.is_file():
         raise VideoError(f"{path} is not a file")
-    width, height, fps, has_audio = _probe_header(path)
+    width, height, fps, has_audio, duration = _probe_header(path)
     reader = _decord_reader(path)
     if reader is not None:
         num_frames, fps = len(reader), reader.get_avg_fps() or fps
     else:
         num_frames = len(_ffmpeg_frames(path, width, height))
+        expected = round(duration * fps) if duration else 0
+        if num_frames < 0.9 * expected - 1:
+            raise VideoError(f"{path} is truncated or corrupt: only {num_frames} of {expected} frames decode")
     if num_frames == 0:
         raise VideoError(f"{path} has no decodable frames")
     return VideoInfo(path, width, height, fps, num_frames, has_audio)
@@ -126,9 +133,7 @@ def read_frames(info: VideoInfo, indices: list[int]) -> np.ndarray:
             pass  # damaged stream: let ffmpeg decode what it can
     frames = _ffmpeg_frames(info.path, info.width, info.height, limit=max(indices) + 1)
     if len(frames) <= max(indices):
-        raise VideoError(
-            f"{info.path} is truncated or corrupt: only {len(frames)} of {info.num_frames} frames decode"
-        )
+        raise VideoError(f"{info.path} is truncated or corrupt: only {len(frames)} of {info.num_frames} frames decode")
     return frames[indices]
 
 

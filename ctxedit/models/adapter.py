@@ -7,6 +7,7 @@ head: an untrained adapter outputs exactly 0, so ContextDiff starts as Tune-A-Vi
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -80,7 +81,9 @@ class ContextAdapter(nn.Module):
         self.check_shape(f, h, w)
         p = self.config.patch
         gh, gw = h // p, w // p
-        with torch.autocast(latents.device.type, enabled=False):
+        device_type = latents.device.type
+        fp32 = torch.autocast(device_type, enabled=False) if device_type in ("cuda", "cpu") else nullcontext()
+        with fp32:  # the adapter's small outputs would lose too much in fp16
             x = latents.float().reshape(b, f, c, gh, p, gw, p).permute(0, 1, 3, 5, 2, 4, 6)  # (b, f, gh, gw, c, p, p)
             x = self.patch_in(x.reshape(b, f, gh, gw, c * p * p))
             x = x + self.row_embed[:gh, None] + self.col_embed[None, :gw] + self.frame_embed[:f, None, None]

@@ -1,10 +1,10 @@
-"""Stable Diffusion 1.x components: find and load them (hub id or local folder), encode text, encode and decode frames."""
+"""Stable Diffusion 1.x components: find and load them (hub id or folder), encode text, encode and decode frames."""
 
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +80,10 @@ def _download(model_id: str, fp16: bool) -> Path:
         folder = Path(snapshot_download(model_id, allow_patterns=patterns))
     except Exception as error:  # offline, unknown id, gated, network: all mean "not available here"
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        where = "offline mode (HF_HUB_OFFLINE) is on and it is not in the local cache" if offline else (
-            f"it is not in the local cache and the hub could not provide it ({type(error).__name__})"
+        where = (
+            "offline mode (HF_HUB_OFFLINE) is on and it is not in the local cache"
+            if offline
+            else (f"it is not in the local cache and the hub could not provide it ({type(error).__name__})")
         )
         raise ModelError(
             f"cannot load model {model_id!r}: {where}; download it once with `hf download {model_id}` "
@@ -178,7 +180,13 @@ def _variant(folder: Path, fp16: bool) -> str | None:
 def load_sd(model: str, device: torch.device, dtype: torch.dtype) -> StableDiffusion:
     """Load the SD 1.x components of a hub id or local folder, frozen, on `device` at `dtype`."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):  # the library prints nothing of its own
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
 
     fp16 = dtype == torch.float16 and device.type == "cuda"
     source = find_model(model, fp16)
@@ -196,7 +204,9 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype) -> StableDiffu
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"cannot load the Stable Diffusion components of {model}: {first_line}") from error
     if parts["scheduler"].config.prediction_type != "epsilon":
-        raise ModelError(f"{model} predicts {parts['scheduler'].config.prediction_type}; ctxedit needs an SD 1.x epsilon model")
+        raise ModelError(
+            f"{model} predicts {parts['scheduler'].config.prediction_type}; ctxedit needs an SD 1.x epsilon model"
+        )
     if parts["unet"].config.cross_attention_dim != parts["text_encoder"].config.hidden_size:
         raise ModelError(f"{model}: the UNet's cross-attention width does not match its text encoder")
     return StableDiffusion(**parts, source=source, device=device, dtype=dtype)

@@ -51,7 +51,9 @@ def load_trained_state(state: dict[str, torch.Tensor], model: VideoUNet, adapter
     with torch.no_grad():
         for name, tensor in expected.items():
             if tensor.shape != state[name].shape:
-                raise RunError(f"the trained parameter {name} has shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}")
+                raise RunError(
+                    f"the trained parameter {name} has shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}"
+                )
             tensor.copy_(state[name])
 
 

@@ -1,0 +1,150 @@
+"""The command line end to end on the tiny model, and every bad input: one line, non-zero exit, nothing lost."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_video
+from typer.testing import CliRunner
+
+from ctxedit import video
+from ctxedit.cli import app
+
+runner = CliRunner()
+FAST = ["--frames", "4", "--stride", "3", "--size", "40", "--steps", "2", "--device", "cpu"]
+
+
+def ctxedit(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def succeeds(*args: str):
+    result = ctxedit(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def fails(*args: str, match: str, code: int | None = None):
+    result = ctxedit(*args)
+    assert result.exit_code != 0 and (code is None or result.exit_code == code), result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], result.stderr
+    return result
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def test_help_imports_no_torch():
+    code = "import sys, ctxedit.cli; sys.exit('torch' in sys.modules or 'diffusers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_tune_then_edit(skiing, tiny_model, tmp_path):
+    tuned = json.loads(
+        succeeds("tune", skiing, "--prompt", "a man is skiing", "--model", tiny_model, *FAST, "--json").stdout
+    )
+    assert tuned["run"] == "runs/man-skiing" and tuned["steps"] == 2
+
+    edits = json.loads(
+        succeeds("edit", "--target", "a man is skiing on the moon", "--target", "spider man is skiing", "--steps", "3",
+                 "--gif", "--json", "--device", "cpu").stdout
+    )  # fmt: skip
+    assert [e["inversion_cached"] for e in edits] == [False, True]  # one inversion for both targets
+    for e in edits:
+        info = video.probe(tmp_path / e["path"])
+        assert (info.num_frames, info.width, info.height, info.has_audio) == (4, 40, 40, True)
+        assert info.fps == pytest.approx(29.97 / 3, abs=0.01)
+        assert video.probe(tmp_path / e["gif"]).num_frames == 4
+
+    again = json.loads(
+        succeeds("edit", "--target", "a man surfing", "--steps", "3", "--json", "--device", "cpu").stdout
+    )
+    assert again[0]["inversion_cached"] is True
+
+    record = json.loads((tmp_path / "runs/man-skiing/run.json").read_text())
+    assert record["frames"]["indices"] == [0, 3, 6, 9]
+    assert record["video"]["sha256"] and record["model"]["path"] == str(tiny_model.resolve())
+    assert set(record["versions"]) >= {"ctxedit", "torch", "diffusers", "transformers"}
+    assert record["settings"]["prompt"] == "a man is skiing" and record["settings"]["seed"] == 33
+    assert record["runtime"] == {"device": "cpu", "precision": "float32"}
+    assert len(record["tuning"]["loss"]["curve"]) == 2 and {"load_s", "encode_s", "tune_s"} <= set(record["timings"])
+    assert [e["target"] for e in record["edits"]] == [
+        "a man is skiing on the moon",
+        "spider man is skiing",
+        "a man surfing",
+    ]
+    assert record["edits"][0]["settings"]["guidance"] == 7.5
+    assert "a man is skiing" in succeeds("info").stdout
+
+
+def test_any_aspect_ratio_odd_sizes_and_no_audio(tiny_model, tmp_path):
+    wide = make_video(tmp_path / "wide.mp4", 120, 68, 12)
+    succeeds(
+        "tune", wide, "--prompt", "a test pattern", "--model", tiny_model, *FAST[:4], "--size", "32", "--steps", "1"
+    )
+    succeeds("edit", "--target", "a red test pattern", "--steps", "2", "--out", "wide-edit.mp4")
+    info = video.probe(tmp_path / "wide-edit.mp4")
+    assert (info.width, info.height, info.num_frames, info.has_audio) == (56, 32, 4, False)
+
+    odd = make_video(tmp_path / "odd.mkv", 51, 41, 6, extra=("-pix_fmt", "yuv444p"))
+    succeeds("tune", odd, "--prompt", "odd", "--model", tiny_model, "--frames", "2", "--size", "30", "--steps", "1")
+    succeeds("edit", "--target", "even", "--steps", "2", "--out", "odd-edit.mp4")
+    assert (video.probe(tmp_path / "odd-edit.mp4").width, video.probe(tmp_path / "odd-edit.mp4").height) == (32, 32)
+
+
+def test_bad_videos(tiny_model, skiing, car, tmp_path):
+    tune = ["tune", "--prompt", "x", "--model", tiny_model, *FAST]
+    fails(*tune, tmp_path / "missing.mp4", match="does not exist")
+    (tmp_path / "notes.mp4").write_text("not a video")
+    fails(*tune, tmp_path / "notes.mp4", match="not a video")
+    (tmp_path / "truncated.mp4").write_bytes(car.read_bytes()[:40000])
+    fails(*tune, tmp_path / "truncated.mp4", match="truncated or corrupt")
+    subprocess.run(
+        [video.ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=duration=1", str(tmp_path / "sound.m4a")],
+        check=True,
+    )
+    fails(*tune, tmp_path / "sound.m4a", match="no video stream")
+    fails("tune", skiing, "--prompt", "x", "--model", tiny_model, "--frames", "50", match="has 91 frames")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/tuned.safetensors"))
+
+
+def test_bad_settings_and_models(tiny_model, skiing, tmp_path):
+    fails("tune", skiing, "--prompt", "  ", "--model", tiny_model, match="--prompt is empty", code=2)
+    fails("tune", skiing, "--prompt", "x", "--context", "linear", match="quadratic, prior, noise, off", code=2)
+    fails("tune", skiing, "--prompt", "x", "--size", "4", "--model", tiny_model, match="at least 8")
+    fails("tune", skiing, "--prompt", "x", "--model", "nobody/no-such-model", match="HF_HUB_OFFLINE")
+    (tmp_path / "not-a-model").mkdir()
+    fails(
+        "tune",
+        skiing,
+        "--prompt",
+        "x",
+        "--model",
+        tmp_path / "not-a-model",
+        match="not a diffusers Stable Diffusion folder",
+    )
+    fails("tune", skiing, "--prompt", "x", "--model", "./nowhere", match="does not exist")
+
+
+def test_nothing_is_overwritten_without_asking(tiny_model, skiing, tmp_path):
+    fails("edit", "--target", "x", match="no runs under runs/")
+    fails("edit", "--target", "x", "--run", tmp_path / "elsewhere", match="holds no run")
+    tune = ["tune", skiing, "--prompt", "a man is skiing", "--model", tiny_model, *FAST]
+    succeeds(*tune)
+    fails(*tune, match="already holds a run; pass --overwrite")
+    succeeds("edit", "--target", "a man is skiing on mars", "--steps", "2")
+    edit_file = tmp_path / "runs/man-skiing/edits/a-man-is-skiing-on-mars.mp4"
+    before = edit_file.read_bytes()
+    fails("edit", "--target", "a man is skiing on mars", "--steps", "3", match="already exists; pass --overwrite")
+    assert edit_file.read_bytes() == before
+    fails("edit", "--target", "", match="--target is empty")
+    fails("edit", "--target", "a", "--target", "b", "--out", "x.mp4", match="--out names one file")
+    succeeds("edit", "--target", "a man is skiing on mars", "--steps", "3", "--overwrite")
+    assert edit_file.read_bytes() != before
+    succeeds(*tune, "--overwrite")
+    fails("tune", skiing, "--prompt", "a man is skiing", "--model", tiny_model, "--resume", match="nothing to resume")

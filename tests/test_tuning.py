@@ -1,0 +1,147 @@
+"""Tuning, inversion and editing through the library: exact equivalences, reload, resume, divergence."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ctxedit import editing, tuning
+from ctxedit.errors import Interrupted, RunError, TuningDiverged
+from ctxedit.runs import Run
+from ctxedit.settings import EditSettings, TuneSettings
+
+SMALL = dict(prompt="a man is skiing", frames=3, stride=4, size=32, steps=2)
+EDIT = EditSettings(steps=3, guidance=5.0)
+
+
+def tune(video, model, root, **overrides) -> Run:
+    run = Run(root)
+    tuning.tune_video(video, TuneSettings(**(SMALL | overrides)), run, str(model), device="cpu")
+    return run
+
+
+def edit(run: Run, settings: EditSettings = EDIT, target: str = "a man is skiing on the moon"):
+    tuned = editing.load_tuned(run, device="cpu")
+    inverted, _ = editing.invert_source(tuned, settings)
+    return inverted, editing.edit_latents(tuned, inverted, target, settings)
+
+
+def unet_weights(run: Run) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(run.tuned_path)).items() if k.startswith("unet.")}
+
+
+def test_context_off_equals_an_untrained_adapter_exactly(skiing, tiny_model, tmp_path):
+    off = tune(skiing, tiny_model, tmp_path / "off", context="off")
+    idle = tune(skiing, tiny_model, tmp_path / "idle", context="quadratic", adapter_lr=0.0)
+    weights_off, weights_idle = unet_weights(off), unet_weights(idle)
+    assert weights_off.keys() == weights_idle.keys()
+    assert all(torch.equal(weights_off[k], weights_idle[k]) for k in weights_off)
+    assert any(k.startswith("adapter.") for k in load_file(str(idle.tuned_path)))
+    inverted_off, edited_off = edit(off)
+    inverted_idle, edited_idle = edit(idle)
+    assert torch.equal(inverted_off, inverted_idle)
+    assert torch.equal(edited_off, edited_idle)
+    # ...and the tuning really changed something, so the equality is not vacuous.
+    base = tune(skiing, tiny_model, tmp_path / "more", context="off", lr=1e-2)
+    assert any(not torch.equal(unet_weights(base)[k], weights_off[k]) for k in weights_off)
+
+
+def test_a_trained_adapter_changes_the_edit(skiing, tiny_model, tmp_path):
+    plain = tune(skiing, tiny_model, tmp_path / "plain", context="off")
+    context = tune(skiing, tiny_model, tmp_path / "ctx", adapter_lr=1e-2, steps=3)
+    adapter_head = load_file(str(context.tuned_path))["adapter.head.weight"]
+    assert adapter_head.abs().max() > 0
+    assert not torch.equal(edit(plain)[1], edit(context)[1])
+
+
+def test_edit_after_reload_equals_edit_in_memory(skiing, tiny_model, tmp_path):
+    run = tune(skiing, tiny_model, tmp_path / "run", adapter_lr=1e-2)
+    tuned = editing.load_tuned(run, device="cpu")
+    # Push the in-memory model away from the file, then check that a reload restores it exactly.
+    with torch.no_grad():
+        for p in tuned.model.trainable_parameters().values():
+            p.add_(0.01)
+    changed = editing.edit_latents(tuned, tuned.x0, "spider man", EDIT)
+    from ctxedit.models.trained import load_trained
+
+    load_trained(run.tuned_path, tuned.model, tuned.adapter)
+    restored = editing.edit_latents(tuned, tuned.x0, "spider man", EDIT)
+    fresh = editing.edit_latents(editing.load_tuned(run, device="cpu"), tuned.x0, "spider man", EDIT)
+    assert torch.equal(restored, fresh) and not torch.equal(changed, fresh)
+
+
+def test_trained_parameters_load_strictly(skiing, tiny_model, tmp_path):
+    run = tune(skiing, tiny_model, tmp_path / "run")
+    state = load_file(str(run.tuned_path))
+    state["unet.extra.weight"] = torch.zeros(1)
+    save_file(state, str(run.tuned_path))
+    with pytest.raises(RunError, match="1 unexpected"):
+        editing.load_tuned(run, device="cpu")
+    del state["unet.extra.weight"], state[next(k for k in state if "attn_temp" in k)]
+    save_file(state, str(run.tuned_path))
+    with pytest.raises(RunError, match="1 missing"):
+        editing.load_tuned(run, device="cpu")
+
+
+def test_inversion_is_cached_per_setting(skiing, tiny_model, tmp_path):
+    run = tune(skiing, tiny_model, tmp_path / "run")
+    tuned = editing.load_tuned(run, device="cpu")
+    first, cached = editing.invert_source(tuned, EDIT)
+    again, cached_again = editing.invert_source(tuned, EDIT)
+    assert (cached, cached_again) == (False, True) and torch.equal(first, again)
+    other, cached_other = editing.invert_source(tuned, EditSettings(steps=3, inversion_prompt="empty"))
+    assert not cached_other and not torch.equal(first, other)
+    assert len(list((run.root / "inversions").iterdir())) == 2
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(skiing, tiny_model, tmp_path, monkeypatch):
+    settings = dict(steps=4, adapter_lr=1e-2, checkpoint_every=100)
+    reference = tune(skiing, tiny_model, tmp_path / "reference", **settings)
+
+    real_loss, calls = tuning.training_loss, []
+
+    def interrupted_at_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(tuning, "training_loss", interrupted_at_step_3)
+    with pytest.raises(Interrupted, match="after step 2.*--resume"):
+        tune(skiing, tiny_model, tmp_path / "run", **settings)
+    run = Run(tmp_path / "run")
+    assert run.checkpoint_path.exists() and not run.tuned_path.exists()
+    with pytest.raises(RunError, match="already holds a run"):
+        tune(skiing, tiny_model, run.root, **settings)
+    with pytest.raises(RunError, match="lr: 3e-05 -> 0.001"):
+        tuning.tune_video(
+            skiing, TuneSettings(**(SMALL | settings | {"lr": 1e-3})), run, str(tiny_model), "cpu", resume=True
+        )
+
+    monkeypatch.setattr(tuning, "training_loss", real_loss)
+    tuning.tune_video(skiing, TuneSettings(**(SMALL | settings)), run, str(tiny_model), "cpu", resume=True)
+    assert not run.checkpoint_path.exists()
+    finished, expected = load_file(str(run.tuned_path)), load_file(str(reference.tuned_path))
+    assert all(torch.equal(finished[k], expected[k]) for k in expected)
+    losses = json.loads(run.record_path.read_text())["tuning"]["loss"]["curve"]
+    assert losses == json.loads(reference.record_path.read_text())["tuning"]["loss"]["curve"]
+
+
+def test_a_nan_loss_stops_tuning_and_keeps_the_last_good_parameters(skiing, tiny_model, tmp_path, monkeypatch):
+    reference = tune(skiing, tiny_model, tmp_path / "reference", steps=2)
+    real_loss, calls = tuning.training_loss, []
+
+    def nan_at_step_3(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(tuning, "training_loss", nan_at_step_3)
+    with pytest.raises(TuningDiverged, match="nan at step 3.*kept"):
+        tune(skiing, tiny_model, tmp_path / "run", steps=5)
+    run = Run(tmp_path / "run")
+    kept, expected = load_file(str(run.tuned_path)), load_file(str(reference.tuned_path))
+    assert all(torch.equal(kept[k], expected[k]) for k in expected)
+    record = json.loads(run.record_path.read_text())
+    assert record["tuning"]["steps_done"] == 2 and "nan at step 3" in record["tuning"]["stopped_early"]
