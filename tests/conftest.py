@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxedit.models.tiny import write_tiny_sd
+from ctxedit.models.synthetic import write_tiny_sd
 from ctxedit.video import ffmpeg_exe
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

@@ -8,6 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from ctxedit.errors import UsageError
 from ctxedit.models.adapter import AdapterConfig, ContextAdapter
 from ctxedit.models.inflate import SparseCausalAttnProcessor, VideoUNet
+from ctxedit.models.synthetic import SD15_UNET
 
 
 @pytest.fixture
@@ -103,13 +104,8 @@ def test_adapter_refuses_shapes_it_cannot_patch():
 
 def test_full_size_sd15_shapes_on_meta():
     """SD 1.5's UNet architecture, inflated, with the adapter: 8 frames at 64x64 latents (512x512)."""
-    config = dict(
-        sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )  # fmt: skip
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
+        unet = UNet2DConditionModel(**SD15_UNET)
         image_params = sum(p.numel() for p in unet.parameters())
         model = VideoUNet(unet)
         adapter = ContextAdapter(AdapterConfig(text_dim=768))

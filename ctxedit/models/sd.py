@@ -173,6 +173,16 @@ class StableDiffusion:
         return np.stack(frames)
 
 
+def quiet_hf_libraries() -> None:
+    """diffusers and transformers print warnings and progress bars of their own; ctxedit's library prints nothing."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
 def _variant(folder: Path, fp16: bool) -> str | None:
     return "fp16" if fp16 and any(folder.glob("*.fp16.safetensors")) else None
 
@@ -180,13 +190,9 @@ def _variant(folder: Path, fp16: bool) -> str | None:
 def load_sd(model: str, device: torch.device, dtype: torch.dtype) -> StableDiffusion:
     """Load the SD 1.x components of a hub id or local folder, frozen, on `device` at `dtype`."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer
-    from transformers.utils import logging as transformers_logging
 
-    for logging in (diffusers_logging, transformers_logging):  # the library prints nothing of its own
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
+    quiet_hf_libraries()
 
     fp16 = dtype == torch.float16 and device.type == "cuda"
     source = find_model(model, fp16)
