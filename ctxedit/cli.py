@@ -224,7 +224,7 @@ def edit(
     table = Table("target", "frames", "size", "fps", "seconds", "video")
     table.columns[-1].overflow = "fold"
     for r in results:
-        table.add_row(r.target, str(r.frames), f"{r.width}x{r.height}", f"{r.fps:.3g}", f"{r.seconds:.1f}", r.path)
+        table.add_row(r.target, str(r.frames), f"{r.width}x{r.height}", f"{r.fps:.4g}", f"{r.seconds:.1f}", r.path)
     out.print(table)
 
 
@@ -242,9 +242,9 @@ def info(run: RunOpt = "latest", json_out: JsonOpt = False) -> None:
     settings, tuning, source, size = record["settings"], record.get("tuning"), record["video"], record["size"]
     table = Table(show_header=False, title=str(run_dir.root))
     table.add_row("model", f"{record['model']['id']} ({record['model']['path']})")
-    table.add_row("video", f"{source['path']} ({source['width']}x{source['height']}, {source['fps']:.3g} fps)")
+    table.add_row("video", f"{source['path']} ({source['width']}x{source['height']}, {source['fps']:.4g} fps)")
     table.add_row(
-        "frames", f"{record['frames']['indices']} -> {size['width']}x{size['height']} at {record['fps']:.3g} fps"
+        "frames", f"{record['frames']['indices']} -> {size['width']}x{size['height']} at {record['fps']:.4g} fps"
     )
     table.add_row("prompt", settings["prompt"])
     table.add_row("settings", ", ".join(f"{k}={v}" for k, v in settings.items() if k != "prompt"))
