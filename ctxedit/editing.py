@@ -189,10 +189,9 @@ def edit_run(
     paths = output_paths(run, targets, out, gif, overwrite)
     tuned = load_tuned(run, device, precision)
     record = tuned.record
-    results = []
+    results, started = [], time.perf_counter()
+    inverted, cached = invert_source(tuned, settings, progress)  # the first edit's time includes it
     for target, path in zip(targets, paths, strict=True):
-        started = time.perf_counter()
-        inverted, cached = invert_source(tuned, settings, progress)
         latents = edit_latents(tuned, inverted, target, settings, progress)
         frames = tuned.sd.decode_latents(latents, _stage(progress, "decode", target))
         audio = _audio_span(record)
@@ -212,6 +211,7 @@ def edit_run(
             inversion_cached=cached,
             seconds=time.perf_counter() - started,
         )
+        cached, started = True, time.perf_counter()  # the next targets reuse this inversion
         record["edits"].append(asdict(result) | {"settings": settings.to_dict()})
         run.write_record(record)
         results.append(result)

@@ -6,6 +6,7 @@ base weights, inflate, then the saved trained parameters.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def build(sd: StableDiffusion, with_adapter: bool, seed: int) -> tuple[VideoUNet
     """Inflate the SD UNet and, when the context is on, add a fresh adapter; trained parameters in fp32."""
     torch.manual_seed(seed)  # the temporal attention's q/k/v initialization
     model = VideoUNet(sd.unet).to(sd.device)
+    if sd.device.type == "cuda" and importlib.util.find_spec("xformers") is not None:
+        model.use_xformers(True)  # the [cuda] extra: memory-efficient attention everywhere
     for param in model.trainable_parameters().values():
         param.data = param.data.float()  # fp32 master weights under fp16/bf16 autocast
         param.requires_grad_(True)
