@@ -230,6 +230,37 @@ def edit(
 
 @app.command()
 @handle_errors
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the videos and the run.")] = Path("ctxedit-demo"),
+    steps: Annotated[int, typer.Option(help="Tuning steps.")] = 150,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Tune and edit a shapes-world clip with the bundled model (no download, about a minute on a CPU)."""
+    from ctxedit.toy.demo import run_demo
+
+    with ProgressBars(quiet=json_out) as bars:
+        result = run_demo(out_dir, steps, device=device, overwrite=overwrite, progress=bars)
+    if json_out:
+        _print_json(asdict(result))
+        return
+    table = Table("edit", "attribute", "other object kept", "drift px (p90)", "jitter px", "background dB")
+    for e in result.edits:
+        s = e.score
+        binding = "-" if s.binding is None else f"{s.binding:.0%}"
+        drift = f"{s.drift_mean:.1f} ({s.drift_p90:.1f})"
+        table.add_row(e.target, f"{s.attribute:.0%}", binding, drift, f"{s.jitter:.1f}", f"{s.background_psnr:.1f}")
+    out.print(table)
+    out.print(
+        f"source {result.source}\nedits  {Path(result.edits[0].path).parent}/\nside by side {result.side_by_side}\n"
+        f"frame strip {result.strip}\ndone in {result.seconds:.0f} s",
+        highlight=False,
+    )
+
+
+@app.command()
+@handle_errors
 def info(run: RunOpt = "latest", json_out: JsonOpt = False) -> None:
     """Show what a run holds: settings, loss, edits and timings."""
     from ctxedit.runs import resolve_run

@@ -1,0 +1,332 @@
+"""Train the shapes-world Stable Diffusion model from scratch: `python -m ctxedit.toy.train [--out samples/toy-sd]`.
+
+A real diffusers SD-format model (AutoencoderKL, CLIPTextModel + CLIPTokenizer, UNet2DConditionModel,
+SD 1.x DDIM schedule) learns text-to-image on still frames of the shapes world, like SD on photos; video
+comes from ctxedit's inflation and tuning. Seeded, resumable (--work keeps checkpoints), about 50 minutes
+on 2 CPU cores. Stages: 1. VAE (reconstruction), 2. frames -> latents once, 3. text encoder + UNet
+(noise prediction, 10% empty captions for classifier-free guidance), 4. save in fp16, 5. evaluate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ctxedit.models.synthetic import SD_SCHEDULER
+from ctxedit.toy.world import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, random_clip
+
+WORDS = sorted({*COLOURS, *BACKGROUNDS, *SHAPES, *MOTIONS, "a", "and", "on", "background", "moving", "standing"})
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    vae_cycles: tuple[int, ...] = (1500, 1000)  # cosine cycles (warm restart at half the lr); ~0.3 s a step
+    vae_batch: int = 32
+    vae_crop: int = 32  # the VAE is convolutional: 32x32 crops train it at a quarter of the cost
+    vae_frames: int = 4000  # rendered once, cropped at random
+    vae_lr: float = 2e-3
+    images: int = 12000  # still frames encoded once for the UNet stage (~13 views of each)
+    unet_steps: int = 3000  # ~0.5 s a step on 2 cores in fp32 (bf16 autocast is 15x slower on CPUs without bf16)
+    unet_batch: int = 32
+    unet_lr: float = 8e-4
+    empty_caption_rate: float = 0.1  # classifier-free guidance needs unconditional samples
+    checkpoint_every: int = 200
+
+
+def word_tokenizer():
+    """A CLIPTokenizer whose BPE merges build each world word into one token (vocab= and merges= directly:
+    transformers 5 ignores vocab_file/merges_file)."""
+    from transformers import CLIPTokenizer
+
+    tokens, merges = ["<|startoftext|>", "<|endoftext|>"], []
+    chars = sorted({c for w in WORDS for c in w})
+    tokens += chars + [c + "</w>" for c in chars]
+    for word in sorted(WORDS, key=len, reverse=True):  # long words first: their merges must win
+        piece = word[0]
+        for i, c in enumerate(word[1:], start=1):
+            nxt = c + ("</w>" if i == len(word) - 1 else "")
+            merges.append((piece, nxt))
+            piece += nxt
+            tokens.append(piece)
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=77)
+
+
+def build_models(tokenizer):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+    )  # fmt: skip  # scale factor 4: 64x64 frames -> 16x16x4 latents; 0.7 M parameters, few channels at 64x64
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.convert_tokens_to_ids(
+                "<|startoftext|>"), eos_token_id=end, pad_token_id=end,
+        )
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=128,
+        attention_head_dim=8, norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )  # fmt: skip  # 1.7 M parameters; cross-attention at 8x8 and 4x4 only (16x16 doubles the step time)
+    return vae, text_encoder, unet
+
+
+def random_frames(rng: np.random.Generator, count: int) -> tuple[torch.Tensor, list[str]]:
+    """Single frames of random 1- and 2-object clips, in [-1, 1], with their captions."""
+    frames, captions = [], []
+    for _ in range(count):
+        clip = random_clip(rng, frames=8, objects=int(rng.integers(1, 3)))
+        frame = clip.render_frame(int(rng.integers(0, clip.frames)))[0]
+        frames.append(frame)
+        captions.append(clip.caption)
+    pixels = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pixels, captions
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = F.mse_loss((a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2).item()
+    return 10 * np.log10(1 / max(mse, 1e-10))
+
+
+class Checkpoints:
+    """Training state in a work folder, so that a stopped training continues where it was."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def load(self, name: str):
+        path = self.folder / f"{name}.pt"
+        return torch.load(path, weights_only=False) if path.exists() else None
+
+    def save(self, name: str, state: dict) -> None:
+        tmp = self.folder / f".{name}.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.folder / f"{name}.pt")
+
+
+def log(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def _cycles(lengths: tuple[int, ...], step: int) -> float:
+    """Cosine cycles, each restarting at half the previous peak."""
+    for i, length in enumerate(lengths):
+        if step < length:
+            return 0.5**i * 0.5 * (1 + np.cos(np.pi * step / length))
+        step -= length
+    return 0.0
+
+
+def train_vae(vae, config: TrainConfig, checkpoints: Checkpoints) -> None:
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    rng, step = np.random.default_rng(config.seed), 0
+    state = checkpoints.load("vae")
+    if state:
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state, step = state["rng"], state["step"]
+    lr_factor = partial(_cycles, config.vae_cycles)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor, last_epoch=step - 1)
+    bank_size = min(config.vae_frames, sum(config.vae_cycles) * config.vae_batch)  # no more than training would see
+    bank, _ = random_frames(np.random.default_rng(config.seed + 3), bank_size)
+    vae.train()
+    while step < sum(config.vae_cycles):
+        index = rng.integers(0, len(bank), config.vae_batch)
+        top, left = rng.integers(0, bank.shape[-1] - config.vae_crop + 1, (2, config.vae_batch))
+        c = config.vae_crop
+        pixels = torch.stack([bank[i, :, y : y + c, x : x + c] for i, y, x in zip(index, top, left, strict=True)])
+        posterior = vae.encode(pixels).latent_dist
+        recon = vae.decode(posterior.mode()).sample  # ctxedit encodes with the mean: train the decoder on it
+        kl = posterior.kl().mean() / pixels[0].numel()
+        loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + 1e-6 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        if step % 50 == 0:
+            log(f"vae step {step}/{sum(config.vae_cycles)} loss {loss.item():.4f} psnr {psnr(recon, pixels):.1f} dB")
+        if step % config.checkpoint_every == 0 or step == sum(config.vae_cycles):
+            state = {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng.bit_generator.state}
+            checkpoints.save("vae", state | {"step": step})
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_dataset(vae, config: TrainConfig, checkpoints: Checkpoints) -> tuple[torch.Tensor, list[str], float]:
+    """(latents, captions, scaling factor): every training frame through the VAE once."""
+    state = checkpoints.load("dataset")
+    if state:
+        return state["latents"], state["captions"], state["scale"]
+    rng = np.random.default_rng(config.seed + 1)
+    latents, captions = [], []
+    for start in range(0, config.images, 256):
+        pixels, batch_captions = random_frames(rng, min(256, config.images - start))
+        latents.append(vae.encode(pixels).latent_dist.mean)
+        captions += batch_captions
+    latents = torch.cat(latents)
+    scale = float(1 / latents.std())  # as SD: unit variance latents for the diffusion model
+    checkpoints.save("dataset", {"latents": latents, "captions": captions, "scale": scale})
+    log(f"encoded {len(captions)} frames; latent scaling factor {scale:.4f}")
+    return latents, captions, scale
+
+
+def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, checkpoints) -> None:
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"})
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
+    generator, step = torch.Generator().manual_seed(config.seed + 2), 0
+    state = checkpoints.load("unet")
+    if state:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+    warmup = 100
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / config.unet_steps))),
+        last_epoch=step - 1,
+    )
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    unet.train()
+    text_encoder.train()
+    started = time.perf_counter()
+    while step < config.unet_steps:
+        index = torch.randint(0, len(latents), (config.unet_batch,), generator=generator)
+        x0 = latents[index] * scale
+        batch_ids = ids[index].clone()
+        drop = torch.rand(config.unet_batch, generator=generator) < config.empty_caption_rate
+        batch_ids[drop] = empty
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, 1000, (config.unet_batch,), generator=generator)
+        text = text_encoder(batch_ids)[0]
+        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, text).sample
+        loss = F.mse_loss(pred.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        if step % 25 == 0:
+            per_step = (time.perf_counter() - started) / 25
+            started = time.perf_counter()
+            log(f"unet step {step}/{config.unet_steps} loss {loss.item():.4f} ({per_step:.2f} s/step)")
+        if step % config.checkpoint_every == 0 or step == config.unet_steps:
+            state = {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+            }
+            checkpoints.save("unet", state | {"step": step})
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+
+
+def save(out: Path, vae, text_encoder, tokenizer, unet, scale: float) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    vae.register_to_config(scaling_factor=scale)
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipeline.to(torch.float16).save_pretrained(out)
+
+
+@torch.no_grad()
+def evaluate(folder: Path, count: int = 96, guidance: float = 4.0, steps: int = 25, seed: int = 777) -> dict:
+    """Text-to-image accuracy on fresh captions: the share of images whose detected objects (colour and
+    shape) are exactly those of the caption, for one- and two-object captions."""
+    from diffusers import DDIMScheduler
+
+    from ctxedit import diffusion
+    from ctxedit.diffusion import ShiftSchedule
+    from ctxedit.models.sd import load_sd
+    from ctxedit.toy.detect import detect
+
+    sd = load_sd(str(folder), torch.device("cpu"), torch.float32)
+    rng = np.random.default_rng(seed)
+    clips = [random_clip(rng, frames=1, objects=1 + i % 2) for i in range(count)]
+    text, empty = sd.encode_text([c.caption for c in clips]), sd.encode_text([""]).expand(count, -1, -1)
+
+    def guided(x: torch.Tensor, t: int) -> torch.Tensor:
+        eps_empty, eps_text = sd.unet(torch.cat([x, x]), t, torch.cat([empty, text])).sample.chunk(2)
+        return eps_empty + guidance * (eps_text - eps_empty)
+
+    scheduler = DDIMScheduler.from_config(sd.scheduler.config)
+    scheduler.set_timesteps(steps)
+    noise = torch.randn(count, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    latents = diffusion.sample(guided, noise, scheduler, None, noise, ShiftSchedule("off"))
+    images = sd.decode_latents(latents[None])
+    right = [
+        {(d.colour, d.shape) for d in detect(image)} == {(o.colour, o.shape) for o in clip.objects}
+        for image, clip in zip(images, clips, strict=True)
+    ]
+    return {
+        "one_object": float(np.mean(right[0::2])),
+        "two_objects": float(np.mean(right[1::2])),
+        "captions": count,
+        "guidance": guidance,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("samples/toy-sd"))
+    parser.add_argument("--work", type=Path, default=Path("runs/toy-training"), help="checkpoints; rerun to resume")
+    parser.add_argument("--vae-steps", type=int, help="one cosine cycle of this many VAE steps (default: the cycles)")
+    parser.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
+    parser.add_argument("--images", type=int, default=TrainConfig.images)
+    args = parser.parse_args(argv)
+    cycles = {"vae_cycles": (args.vae_steps,)} if args.vae_steps else {}
+    config = TrainConfig(unet_steps=args.unet_steps, images=args.images, **cycles)
+
+    from ctxedit.models.sd import quiet_hf_libraries
+
+    quiet_hf_libraries()
+    torch.manual_seed(config.seed)
+    tokenizer = word_tokenizer()
+    vae, text_encoder, unet = build_models(tokenizer)
+    checkpoints = Checkpoints(args.work)
+    began = time.perf_counter()
+    train_vae(vae, config, checkpoints)
+    pixels, _ = random_frames(np.random.default_rng(12345), 64)
+    with torch.no_grad():
+        log(f"vae held-out psnr {psnr(vae.decode(vae.encode(pixels).latent_dist.mean).sample, pixels):.2f} dB")
+    latents, captions, scale = encode_dataset(vae, config, checkpoints)
+    train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, checkpoints)
+    save(args.out, vae, text_encoder, tokenizer, unet, scale)
+    minutes = (time.perf_counter() - began) / 60
+    log(f"saved {args.out} after {minutes:.1f} min")
+    accuracy = evaluate(args.out)
+    log(f"text-to-image accuracy on held-out captions: {accuracy}")
+    report = {"config": asdict(config), "minutes_this_session": minutes, "accuracy": accuracy}
+    (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
