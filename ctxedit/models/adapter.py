@@ -8,7 +8,7 @@ head: an untrained adapter outputs exactly 0, so ContextDiff starts as Tune-A-Vi
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,9 +26,6 @@ class AdapterConfig:
     heads: int = 4
     max_grid: int = 128  # patches per side: latents up to 512 (4096 px)
     max_frames: int = 256
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class CrossAttentionLayer(nn.Module):

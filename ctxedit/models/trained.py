@@ -7,7 +7,6 @@ base weights, inflate, then the saved trained parameters.
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
@@ -63,10 +62,9 @@ def load_trained_state(state: dict[str, torch.Tensor], model: VideoUNet, adapter
 def save_trained(path: Path, model: VideoUNet, adapter: ContextAdapter | None) -> None:
     from safetensors.torch import save_file
 
-    metadata = {"adapter_config": json.dumps(adapter.config.to_dict()) if adapter is not None else "none"}
     state = {name: t.contiguous().cpu() for name, t in trained_state(model, adapter).items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+        save_file(state, str(tmp))
 
 
 def load_trained(path: Path, model: VideoUNet, adapter: ContextAdapter | None) -> None:
