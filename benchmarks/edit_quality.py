@@ -1,13 +1,15 @@
 """Edit quality on the shapes world: four methods side by side on held-out clips, scored against ground truth.
 
-    python benchmarks/edit_quality.py [--clips 16] [--seeds 1] [--tune-steps 150] [--steps 25]
+    python benchmarks/edit_quality.py [--clips 16] [--seeds 1] [--tune-steps 150] [--steps 25] [--ablation]
 
 Methods, same budget (DDIM steps, guidance, tuning steps): the image model per frame (no inflation, no
 tuning), the inflated video UNet without tuning, Tune-A-Video (tuned, context off) and ContextDiff (tuned,
 context adapter). Each clip gets three edits: a colour edit and a shape edit of the first object, and a
 colour+shape edit (of the first object in one-object clips, of the second in two-object clips, so that
 binding says whether the untouched object stayed). Writes benchmarks/results/edit_quality.md (mean and
-95% interval over clips and seeds) and edit_quality.png.
+95% interval over clips and seeds) and edit_quality.png. `--ablation` adds ContextDiff variants (shift
+schedule, context scale, adapter learning rate, context fixed at R(x0_src, c_tgt) instead of following x0_hat)
+and writes edit_quality_ablation.md.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import copy
 import os
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,7 +39,30 @@ from ctxedit.toy.metrics import score_edit
 from ctxedit.toy.world import COLOURS, SHAPES, Clip, random_clip
 from ctxedit.tuning import tune
 
-METHODS = ("image model per frame", "inflated, no tuning", "Tune-A-Video", "ContextDiff")
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    inflated: bool = True
+    tuned: bool = True
+    context: str = "quadratic"  # shift schedule; "off" is Tune-A-Video
+    context_scale: float = 1.0
+    adapter_lr: float = TUNING["adapter_lr"]
+    follow_x0_hat: bool = True  # False: the context stays R(x0_src, c_tgt) through sampling
+
+
+METHODS = (
+    Method("image model per frame", inflated=False, tuned=False, context="off"),
+    Method("inflated, no tuning", tuned=False, context="off"),
+    Method("Tune-A-Video", context="off"),
+    Method("ContextDiff"),
+)
+ABLATION = (
+    Method("ContextDiff, prior schedule", context="prior"),
+    Method("ContextDiff, context scale 2", context_scale=2.0),
+    Method("ContextDiff, adapter lr 1e-4", adapter_lr=1e-4),
+    Method("ContextDiff, fixed context", follow_x0_hat=False),
+)
 HELD_OUT_SEED = 2024  # training used seeds 0-1, tests 0-99 of their own
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -73,28 +98,43 @@ def edits_for(clip: Clip, rng: np.random.Generator) -> list[tuple[str, int, Clip
     ]
 
 
-def method_model(sd: StableDiffusion, method: str, x0, text, seed: int, tune_steps: int):
+def method_model(sd: StableDiffusion, method: Method, x0, text, seed: int, tune_steps: int):
     """(sd with the method's UNet, model, adapter, shift) ready to invert and sample."""
     sd = replace(sd, unet=copy.deepcopy(sd.unet))
-    if method == "image model per frame":
-        return sd, PerFrameUNet(sd.unet), None, ShiftSchedule("off")
-    context = "quadratic" if method == "ContextDiff" else "off"
-    model, adapter = build(sd, context != "off", seed)
-    if method != "inflated, no tuning":
-        settings = TuneSettings(prompt="-", steps=tune_steps, seed=seed, context=context, checkpoint_every=10**9,
-                                **{k: v for k, v in TUNING.items() if k in ("lr", "adapter_lr")})  # fmt: skip
+    shift = ShiftSchedule(method.context, method.context_scale)
+    if not method.inflated:
+        return sd, PerFrameUNet(sd.unet), None, shift
+    model, adapter = build(sd, shift.active, seed)
+    if method.tuned:
+        settings = TuneSettings(
+            prompt="-", steps=tune_steps, seed=seed, context=method.context, context_scale=method.context_scale,
+            lr=TUNING["lr"], adapter_lr=method.adapter_lr, checkpoint_every=10**9,
+        )  # fmt: skip
         with tempfile.TemporaryDirectory() as folder:
             tune(model, adapter, x0, text, sd, settings, Path(folder) / "checkpoint.pt")
-    return sd, model, adapter, ShiftSchedule(context)
+    return sd, model, adapter, shift
 
 
-def run_clip(sd, clip: Clip, edits, seeds: list[int], tune_steps: int, steps: int) -> list[dict]:
+def edit(tuned: editing.Tuned, x_T, target: str, settings: EditSettings, follow_x0_hat: bool):
+    if follow_x0_hat or tuned.adapter is None:
+        return editing.edit_latents(tuned, x_T, target, settings)
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(tuned.sd.scheduler.config)
+    scheduler.set_timesteps(settings.steps)
+    text, uncond = tuned.sd.encode_text([target]), tuned.sd.encode_text([""])
+    fixed = tuned.adapter(tuned.x0, text)
+    predict = editing.predictor(tuned, text, uncond, settings.guidance)
+    return diffusion.sample(predict, x_T, scheduler, lambda _: fixed, tuned.x0, tuned.shift)
+
+
+def run_clip(sd, clip: Clip, edits, methods, seeds: list[int], tune_steps: int, steps: int) -> list[dict]:
     source_frames, _ = clip.render()
     x0 = sd.encode_frames(source_frames)
     text = sd.encode_text([clip.caption])
     rows = []
-    for method in METHODS:
-        for seed in seeds if method in ("Tune-A-Video", "ContextDiff") else seeds[:1]:  # the others ignore seeds
+    for method in methods:
+        for seed in seeds if method.tuned else seeds[:1]:  # untuned methods ignore the seed
             started = time.perf_counter()
             method_sd, model, adapter, shift = method_model(sd, method, x0, text, seed, tune_steps)
             tuned = editing.Tuned(None, {"settings": {"seed": seed}}, method_sd, model, adapter, shift, x0, text)
@@ -105,10 +145,11 @@ def run_clip(sd, clip: Clip, edits, seeds: list[int], tune_steps: int, steps: in
                 x_T = diffusion.invert(editing.predictor(tuned, text), x0, inverse, context, shift)
             settings = EditSettings(steps=steps, guidance=5.0, seed=seed)
             for kind, index, target in edits:
-                latents = editing.edit_latents(tuned, x_T, target.caption, settings)
+                with torch.no_grad():
+                    latents = edit(tuned, x_T, target.caption, settings, method.follow_x0_hat)
                 frames = method_sd.decode_latents(latents)
                 score = score_edit(clip, target, index, source_frames, frames)
-                labels = {"method": method, "kind": kind, "objects": len(clip.objects), "seed": seed}
+                labels = {"method": method.name, "kind": kind, "objects": len(clip.objects), "seed": seed}
                 rows.append(labels | asdict(score))
             for row in rows[-len(edits) :]:
                 row["seconds"] = (time.perf_counter() - started) / len(edits)
@@ -123,7 +164,7 @@ def interval(values: list[float]) -> str:
     return f"{values.mean():.2f} ± {half:.2f}"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], methods) -> str:
     pick = lambda method, key, kinds=("colour", "shape", "both"): [  # noqa: E731
         r[key] for r in rows if r["method"] == method and r["kind"] in kinds
     ]
@@ -132,7 +173,7 @@ def table(rows: list[dict]) -> str:
         "binding (2 objects)", "mask IoU (colour)", "background dB", "s per edit",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method in METHODS:
+    for method in (m.name for m in methods):
         binding = [r["binding"] for r in rows if r["method"] == method and r["objects"] == 2]
         cells = [
             method,
@@ -157,11 +198,12 @@ def plot(rows: list[dict], path: Path) -> None:
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     colours = ["#999999", "#6f8fbf", "#d98c3f", "#3f9f5f"]
+    names = [m.name for m in METHODS]
     panel = (width - margin) // len(metrics)
     top = max(
         np.mean(v) + 1.96 * np.std(v, ddof=1) / np.sqrt(len(v))
         for key, _ in metrics
-        for m in METHODS
+        for m in names
         if len(v := [r[key] for r in rows if r["method"] == m and r["kind"] == "colour"]) > 1
     )
     scale = (height - 2 * margin) / max(top, 1e-6)
@@ -169,12 +211,12 @@ def plot(rows: list[dict], path: Path) -> None:
         left = margin + p * panel
         draw.text((left, 10), title, fill="black")
         draw.line([(left, height - margin), (left + panel - 20, height - margin)], fill="black")
-        for i, method in enumerate(METHODS):
+        for i, method in enumerate(names):
             values = [r[key] for r in rows if r["method"] == method and r["kind"] == "colour"]
             mean = float(np.mean(values))
             half = 1.96 * np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0
-            x = left + 10 + i * (panel - 30) // len(METHODS)
-            bar = (panel - 30) // len(METHODS) - 10
+            x = left + 10 + i * (panel - 30) // len(names)
+            bar = (panel - 30) // len(names) - 10
             draw.rectangle([x, height - margin - mean * scale, x + bar, height - margin], fill=colours[i])
             mid = x + bar // 2
             draw.line([(mid, height - margin - (mean + half) * scale), (mid, height - margin - (mean - half) * scale)],
@@ -190,23 +232,30 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="tuning seeds per clip (tuned methods)")
     parser.add_argument("--tune-steps", type=int, default=150)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps of inversion and of sampling")
+    parser.add_argument("--ablation", action="store_true", help="Tune-A-Video, ContextDiff and its variants")
     args = parser.parse_args()
+    methods = (METHODS[2], METHODS[3], *ABLATION) if args.ablation else METHODS
 
     sd = load_sd(str(toy_model()), torch.device("cpu"), torch.float32)
     rng = np.random.default_rng(HELD_OUT_SEED)
     rows, started = [], time.perf_counter()
     for i in range(args.clips):
         clip = random_clip(rng, frames=8, objects=1 + i % 2)
-        rows += run_clip(sd, clip, edits_for(clip, rng), list(range(args.seeds)), args.tune_steps, args.steps)
+        edits = edits_for(clip, rng)
+        rows += run_clip(sd, clip, edits, methods, list(range(args.seeds)), args.tune_steps, args.steps)
         print(f"clip {i + 1}/{args.clips} done, {time.perf_counter() - started:.0f} s", flush=True)
     RESULTS.mkdir(exist_ok=True)
     settings = (
         f"{args.clips} held-out clips (seed {HELD_OUT_SEED}) x 3 edits, {args.seeds} tuning seed(s), "
-        f"{args.tune_steps} tuning steps, {args.steps} DDIM steps, guidance 5, CPU"
+        f"{args.tune_steps} tuning steps, {args.steps} DDIM steps, guidance 5, 2-core CPU, "
+        f"{(time.perf_counter() - started) / 60:.0f} min"
     )
-    report = f"# Edit quality on the shapes world\n\n{settings}; mean ± 95% interval.\n\n{table(rows)}\n"
-    (RESULTS / "edit_quality.md").write_text(report)
-    plot(rows, RESULTS / "edit_quality.png")
+    title = "Edit quality on the shapes world" + (": ContextDiff ablation" if args.ablation else "")
+    report = f"# {title}\n\n{settings}; mean ± 95% interval over clips and seeds.\n\n{table(rows, methods)}\n"
+    name = "edit_quality_ablation" if args.ablation else "edit_quality"
+    (RESULTS / f"{name}.md").write_text(report)
+    if not args.ablation:
+        plot(rows, RESULTS / f"{name}.png")
     print(report)
 
 

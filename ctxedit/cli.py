@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ctxedit.errors import CtxEditError
-from ctxedit.settings import DEFAULT_MODEL, EditSettings, TuneSettings
+from ctxedit.settings import DEFAULT_MODEL, EditSettings, OutputSettings, TuneSettings, default_model
 
 app = typer.Typer(
     help="Text-driven video editing: tune once on a clip, then edit it with any number of target texts.",
@@ -30,6 +30,18 @@ DeviceOpt = Annotated[str, typer.Option(help="auto | cuda | cpu.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto (fp16/bf16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+OutputSizeOpt = Annotated[
+    str, typer.Option("--output-size", help="processed (the model's size) | source (scaled back, Lanczos).")
+]
+FpsOpt = Annotated[
+    float | None,
+    typer.Option(help="Frame rate of the outputs; another rate than the source's drops the audio.", show_default=False),
+]
+GifOpt = Annotated[bool, typer.Option("--gif", help="Also write a GIF beside each MP4.")]
+SideBySideOpt = Annotated[
+    bool, typer.Option("--side-by-side", help="Also write edits/side-by-side.mp4: source | edits, captioned.")
+]
+GridOpt = Annotated[bool, typer.Option("--grid", help="Also write edits/grid.mp4: source and edits in a grid.")]
 
 
 def _known_error(error: Exception) -> str | None:
@@ -152,7 +164,6 @@ def tune(
         prompt=prompt, frames=frames, stride=stride, start=start, size=size, crop=crop, steps=steps, lr=lr,
         adapter_lr=adapter_lr, context=context, context_scale=context_scale, seed=seed,
     )  # fmt: skip
-    from ctxedit.models.sd import default_model
     from ctxedit.runs import Run, default_run
     from ctxedit.tuning import tune_video
 
@@ -204,7 +215,11 @@ def edit(
             "--out", help="Output MP4 (one target only). [default: RUN/edits/<target>.mp4]", show_default=False
         ),
     ] = None,
-    gif: Annotated[bool, typer.Option("--gif", help="Also write a GIF beside the MP4.")] = False,
+    output_size: OutputSizeOpt = OutputSettings.size,
+    fps: FpsOpt = None,
+    gif: GifOpt = False,
+    side_by_side: SideBySideOpt = False,
+    grid: GridOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     overwrite: OverwriteOpt = False,
@@ -212,12 +227,13 @@ def edit(
 ) -> None:
     """Edit a tuned run towards one or more target texts; writes one MP4 per target."""
     settings = EditSettings(steps=steps, guidance=guidance, inversion_prompt=inversion_prompt, eta=eta, seed=seed)
+    output = OutputSettings(size=output_size, fps=fps, gif=gif, side_by_side=side_by_side, grid=grid)
     from ctxedit.editing import edit_run
     from ctxedit.runs import resolve_run
 
     run_dir = resolve_run(run)
     with ProgressBars(quiet=json_out) as bars:
-        results = edit_run(run_dir, target, settings, out_path, gif, overwrite, device, precision, progress=bars)
+        results = edit_run(run_dir, target, settings, out_path, output, overwrite, device, precision, progress=bars)
     if json_out:
         _print_json([asdict(r) for r in results])
         return
@@ -226,6 +242,74 @@ def edit(
     for r in results:
         table.add_row(r.target, str(r.frames), f"{r.width}x{r.height}", f"{r.fps:.4g}", f"{r.seconds:.1f}", r.path)
     out.print(table)
+
+
+@app.command()
+@handle_errors
+def batch(
+    presets: Annotated[
+        list[Path],
+        typer.Argument(help="Preset YAML files (see presets/).", metavar="PRESET.yaml...", show_default=False),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Root of the runs: OUT/<preset>/<job>/ and OUT/<preset>/report.md.")
+    ] = Path("runs"),
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check the presets and show the plan; run nothing.")
+    ] = False,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only this job (name or preset/name); repeatable.", show_default=False)
+    ] = None,
+    shard: Annotated[
+        str | None, typer.Option(help="Take share K of N (1-based), e.g. a SLURM array task.", show_default=False)
+    ] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Tune again and redo edits whose settings changed.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run the jobs of preset files: tune each video once, make every edit; resumable and shardable.
+
+    Several GPUs: torchrun --nproc-per-node G -m ctxedit batch PRESET.yaml (each process takes its share)."""
+    from ctxedit.batch import describe_plan, process_share, run_batch, write_reports
+    from ctxedit.presets import load_presets, select_jobs
+
+    jobs = select_jobs(load_presets(presets), only)
+    share = process_share(shard)
+    lead = share.rank == 0
+    if dry_run:
+        table = Table("job", "video", "process", "plan")
+        table.columns[-1].overflow = "fold"
+        for index, job in enumerate(jobs):
+            owner = index % (share.shards * share.world)
+            where = f"shard {owner // share.world + 1}/{share.shards}, rank {owner % share.world}"
+            table.add_row(job.label, job.video.name, where, describe_plan(job, out_dir, overwrite))
+        if lead:
+            out.print(table)
+        return
+    with ProgressBars(quiet=json_out or not lead) as bars:
+        outcomes = run_batch(jobs, out_dir, share, device, precision, overwrite, progress=bars)
+    failed = sum(o.status == "failed" for o in outcomes)
+    if lead:
+        reports = write_reports(jobs, out_dir)
+        if json_out:
+            _print_json({"jobs": [asdict(o) for o in outcomes], "reports": [str(r) for r in reports]})
+        else:
+            table = Table("job", "status", "seconds", "detail")
+            table.columns[-1].overflow = "fold"
+            colour = {"done": "green", "skipped": "cyan", "failed": "red"}
+            for o in outcomes:
+                table.add_row(o.job, f"[{colour[o.status]}]{o.status}[/]", f"{o.seconds:.1f}", o.detail)
+            out.print(table)
+            done = len(outcomes) - failed
+            summary = (
+                f"{done} of {len(outcomes)} jobs finished, {failed} failed; report: {', '.join(map(str, reports))}"
+            )
+            out.print(summary, highlight=False)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Editing a tuned run: contextual DDIM inversion of the source (once, cached) and contextual sampling per target.
 
-`edit_run` is what the CLI calls. It loads the model once for all targets, reuses a cached inversion
-when one with the same settings exists, decodes frame by frame and writes each edit atomically.
+`edit_run` is what `ctxedit edit` calls, `render_edits` what `ctxedit batch` calls. The model is loaded once
+for all targets, an inversion with the same settings is reused (cached on disk), frames are decoded one by
+one and each edit is written atomically and recorded at once.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ctxedit import diffusion
+from ctxedit import compose, diffusion
 from ctxedit import video as videos
 from ctxedit.diffusion import ShiftSchedule
 from ctxedit.errors import UsageError
@@ -25,7 +27,7 @@ from ctxedit.models.inflate import VideoUNet
 from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_precision
 from ctxedit.models.trained import build, load_trained
 from ctxedit.runs import Progress, ProgressEvent, Run, recorded_model
-from ctxedit.settings import EditSettings
+from ctxedit.settings import EditSettings, OutputSettings
 
 
 @dataclass
@@ -148,16 +150,22 @@ def edit_latents(
     )
 
 
-def _audio_span(record: dict) -> videos.AudioSpan | None:
+def _audio_span(record: dict, output: OutputSettings) -> videos.AudioSpan | None:
+    """The source's audio under the edited frames; none at another frame rate, where it would not line up."""
     source, frames = record["video"], record["frames"]
-    if not source["has_audio"] or not Path(source["path"]).exists():
+    if not source["has_audio"] or not Path(source["path"]).exists() or output.fps not in (None, record["fps"]):
         return None
     start = frames["indices"][0] / source["fps"]
     return videos.AudioSpan(Path(source["path"]), start, frames["count"] * frames["stride"] / source["fps"])
 
 
-def output_paths(run: Run, targets: list[str], out: Path | None, gif: bool, overwrite: bool) -> list[Path]:
-    """Where each edit goes; checked before any work so that nothing runs only to be refused."""
+def composite_paths(run: Run, output: OutputSettings) -> list[Path]:
+    wanted = (("side-by-side", output.side_by_side), ("grid", output.grid))
+    return [run.root / "edits" / f"{name}.mp4" for name, on in wanted if on]
+
+
+def output_paths(run: Run, targets: list[str], out: Path | None, output: OutputSettings, overwrite: bool) -> list[Path]:
+    """Where each edit goes; checked (with the composites) before any work so that nothing runs only to be refused."""
     if not targets or any(not t.strip() for t in targets):
         raise UsageError("--target is empty; give the edited description, e.g. --target 'a man is skiing on the moon'")
     if out is not None and len(targets) > 1:
@@ -169,9 +177,66 @@ def output_paths(run: Run, targets: list[str], out: Path | None, gif: bool, over
         raise UsageError("two targets give the same file name; make them differ in letters or digits")
     for path in paths:
         refuse_overwrite(path, overwrite)
-        if gif:
+        if output.gif:
             refuse_overwrite(path.with_suffix(".gif"), overwrite)
+    for path in composite_paths(run, output):
+        refuse_overwrite(path, overwrite)
     return paths
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    target: str
+    settings: EditSettings
+    path: Path
+
+
+def render_edits(
+    tuned: Tuned,
+    requests: list[EditRequest],
+    output: OutputSettings = OutputSettings(),
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> list[EditResult]:
+    """Edit towards each request's target; every edit is written and recorded as soon as it is done. Requests
+    with the same inversion settings share one inversion (the first one's time includes it)."""
+    record = tuned.record
+    inversions: dict[str, tuple[torch.Tensor, bool]] = {}
+    results = []
+    for request in requests:
+        started = time.perf_counter()
+        key = inversion_key(tuned, request.settings)
+        if key not in inversions:
+            inversions[key] = invert_source(tuned, request.settings, progress)
+        inverted, cached = inversions[key]
+        inversions[key] = (inverted, True)
+        latents = edit_latents(tuned, inverted, request.target, request.settings, progress)
+        frames = tuned.sd.decode_latents(latents, _stage(progress, "decode", request.target))
+        if output.size == "source":
+            frames = videos.resize_frames(
+                frames, videos.source_region(record["video"]["width"], record["video"]["height"], frames.shape[2:0:-1])
+            )
+        audio, fps = _audio_span(record, output), output.fps or record["fps"]
+        videos.write_video(frames, request.path, fps, audio, overwrite)
+        gif_path = request.path.with_suffix(".gif") if output.gif else None
+        if gif_path:
+            videos.write_gif(request.path, gif_path, overwrite)
+        result = EditResult(
+            target=request.target,
+            path=str(request.path),
+            gif=str(gif_path) if gif_path else None,
+            frames=len(frames),
+            width=frames.shape[2],
+            height=frames.shape[1],
+            fps=fps,
+            audio=audio is not None,
+            inversion_cached=cached,
+            seconds=time.perf_counter() - started,
+        )
+        record["edits"].append(asdict(result) | {"settings": request.settings.to_dict(), "output": output.to_dict()})
+        tuned.run.write_record(record)
+        results.append(result)
+    return results
 
 
 def edit_run(
@@ -179,40 +244,36 @@ def edit_run(
     targets: list[str],
     settings: EditSettings,
     out: Path | None = None,
-    gif: bool = False,
+    output: OutputSettings = OutputSettings(),
     overwrite: bool = False,
     device: str = "auto",
     precision: str = "auto",
     progress: Progress | None = None,
 ) -> list[EditResult]:
-    """Edit a tuned run towards each target; every edit is written and recorded as soon as it is done."""
-    paths = output_paths(run, targets, out, gif, overwrite)
+    """Edit a tuned run towards each target with one model load; then the composites `output` asks for."""
+    paths = output_paths(run, targets, out, output, overwrite)
     tuned = load_tuned(run, device, precision)
-    record = tuned.record
-    results, started = [], time.perf_counter()
-    inverted, cached = invert_source(tuned, settings, progress)  # the first edit's time includes it
-    for target, path in zip(targets, paths, strict=True):
-        latents = edit_latents(tuned, inverted, target, settings, progress)
-        frames = tuned.sd.decode_latents(latents, _stage(progress, "decode", target))
-        audio = _audio_span(record)
-        videos.write_video(frames, path, record["fps"], audio, overwrite)
-        gif_path = path.with_suffix(".gif") if gif else None
-        if gif_path:
-            videos.write_gif(path, gif_path, overwrite)
-        result = EditResult(
-            target=target,
-            path=str(path),
-            gif=str(gif_path) if gif_path else None,
-            frames=len(frames),
-            width=frames.shape[2],
-            height=frames.shape[1],
-            fps=record["fps"],
-            audio=audio is not None,
-            inversion_cached=cached,
-            seconds=time.perf_counter() - started,
-        )
-        cached, started = True, time.perf_counter()  # the next targets reuse this inversion
-        record["edits"].append(asdict(result) | {"settings": settings.to_dict()})
-        run.write_record(record)
-        results.append(result)
+    requests = [EditRequest(target, settings, path) for target, path in zip(targets, paths, strict=True)]
+    results = render_edits(tuned, requests, output, overwrite, progress)
+    write_composites(run, tuned.record, [(r.target, Path(r.path)) for r in results], output, overwrite)
     return results
+
+
+def source_frames(record: dict) -> np.ndarray:
+    """The tuned frames of the source, as the model saw them (processed size)."""
+    info = videos.probe(Path(record["video"]["path"]))
+    size = (record["size"]["width"], record["size"]["height"])
+    return videos.resize_frames(videos.read_frames(info, record["frames"]["indices"]), size)
+
+
+def write_composites(
+    run: Run, record: dict, edits: list[tuple[str, Path]], output: OutputSettings, overwrite: bool = False
+) -> list[Path]:
+    """The side-by-side and grid videos `output` asks for, of the source and `edits` (caption, file)."""
+    if not composite_paths(run, output) or not edits:
+        return []
+    source = ("source: " + record["settings"]["prompt"], source_frames(record))
+    fps = output.fps or record["fps"]
+    folder = run.root / "edits"
+    audio = _audio_span(record, output)
+    return compose.write_composites(source, edits, folder, output.side_by_side, output.grid, fps, audio, overwrite)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from ctxedit.errors import RunError
 
+TEMPORARY = ".tmp-"  # atomic_path writes .<stem>.tmp-<pid><suffix> beside the destination
+
 
 def refuse_overwrite(path: Path, overwrite: bool) -> None:
     """Fail early, before any work, when `path` exists and `--overwrite` was not given."""
@@ -23,7 +25,7 @@ def atomic_path(dest: Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; rename it onto `dest` only if the block succeeds."""
     refuse_overwrite(dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.stem}.tmp-{os.getpid()}{dest.suffix}")
+    tmp = dest.with_name(f".{dest.stem}{TEMPORARY}{os.getpid()}{dest.suffix}")
     try:
         yield tmp
         os.replace(tmp, dest)
@@ -42,3 +44,9 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files a killed process left in `folder` and its subfolders (never a finished file)."""
+    for path in folder.glob(f"**/.*{TEMPORARY}*"):
+        path.unlink(missing_ok=True)

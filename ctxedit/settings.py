@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 from ctxedit.errors import UsageError
@@ -11,6 +12,11 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # overridden by $
 CONTEXTS = ("quadratic", "prior", "noise", "off")
 CROPS = ("none", "center")
 INVERSION_PROMPTS = ("source", "empty")
+OUTPUT_SIZES = ("processed", "source")
+
+
+def default_model() -> str:
+    return os.environ.get("CTXEDIT_MODEL") or DEFAULT_MODEL
 
 
 def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -80,6 +86,23 @@ class EditSettings:
         _at_least("--steps", self.steps, 1)
         _at_least("--guidance", self.guidance, 0)
         _at_least("--eta", self.eta, 0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    size: str = "processed"  # "source": scaled back to the source's resolution (Lanczos)
+    fps: float | None = None  # None: the source's rate over the stride; another rate drops the audio
+    gif: bool = False  # a GIF beside each MP4
+    side_by_side: bool = False  # source | edits in one captioned video
+    grid: bool = False  # source and edits in a captioned grid, for many targets
+
+    def __post_init__(self) -> None:
+        _choice("--output-size", self.size, OUTPUT_SIZES)
+        if self.fps is not None and not (math.isfinite(self.fps) and 0 < self.fps <= 240):
+            raise UsageError(f"--fps must be between 0 and 240, got {self.fps}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -150,6 +150,15 @@ def processed_size(width: int, height: int, size: int, multiple: int, crop: str)
     return (short, fit(height)) if width <= height else (fit(width), short)
 
 
+def source_region(width: int, height: int, out_size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) in source pixels of the region that `resize_frames` maps onto `out_size`, rounded to
+    even sides for H.264: the size an edit goes back to with `--output-size source`, unstretched."""
+    out_w, out_h = out_size
+    scale = max(out_w / width, out_h / height)
+    even = lambda side: max(2, round(side / 2) * 2)  # noqa: E731
+    return min(width, even(out_w / scale)) // 2 * 2, min(height, even(out_h / scale)) // 2 * 2
+
+
 def resize_frames(frames: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
     """Scale to cover `out_size` (width, height), then center-crop to it; Lanczos filtering."""
     from PIL import Image

@@ -61,10 +61,18 @@ def test_tune_then_edit(skiing, tiny_model, tmp_path):
         assert info.fps == pytest.approx(29.97 / 3, abs=0.01)
         assert video.probe(tmp_path / e["gif"]).num_frames == 4
 
+    shared = ["--output-size", "source", "--fps", "5", "--side-by-side", "--grid", "--json", "--device", "cpu"]
     again = json.loads(
-        succeeds("edit", "--target", "a man surfing", "--steps", "3", "--json", "--device", "cpu").stdout
+        succeeds("edit", "--target", "a man surfing", "--target", "a cat", "--steps", "3", *shared).stdout
     )
     assert again[0]["inversion_cached"] is True
+    info = video.probe(tmp_path / again[0]["path"])
+    assert (info.width, info.height, info.fps, info.has_audio) == (256, 256, 5.0, False)  # source size, new rate
+    edits_dir = tmp_path / "runs/man-skiing/edits"
+    side, grid = video.probe(edits_dir / "side-by-side.mp4"), video.probe(edits_dir / "grid.mp4")
+    assert (side.width, side.num_frames, grid.width, grid.height) == (3 * 240, 4, 2 * 240, 2 * side.height)
+    fails("edit", "--target", "a dog", "--side-by-side", match="side-by-side.mp4 already exists; pass --overwrite")
+    fails("edit", "--target", "a dog", "--output-size", "huge", match="unknown --output-size 'huge'", code=2)
 
     record = json.loads((tmp_path / "runs/man-skiing/run.json").read_text())
     assert record["frames"]["indices"] == [0, 3, 6, 9]
@@ -77,6 +85,7 @@ def test_tune_then_edit(skiing, tiny_model, tmp_path):
         "a man is skiing on the moon",
         "spider man is skiing",
         "a man surfing",
+        "a cat",
     ]
     assert record["edits"][0]["settings"]["guidance"] == 7.5
     assert "a man is skiing" in succeeds("info").stdout

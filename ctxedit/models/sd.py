@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from ctxedit.errors import ModelError, UsageError
-from ctxedit.settings import DEFAULT_MODEL
 
 COMPONENTS = {  # subfolder -> file that proves it is there
     "unet": "config.json",
@@ -23,10 +22,6 @@ COMPONENTS = {  # subfolder -> file that proves it is there
 }
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-def default_model() -> str:
-    return os.environ.get("CTXEDIT_MODEL") or DEFAULT_MODEL
 
 
 def resolve_device(device: str) -> torch.device:

@@ -8,18 +8,14 @@ exact ground truth and writes a side-by-side video and a frame strip.
 from __future__ import annotations
 
 import shutil
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
+from ctxedit import compose
 from ctxedit import video as videos
 from ctxedit.editing import edit_run
 from ctxedit.errors import ModelError, RunError
-from ctxedit.files import atomic_path
 from ctxedit.runs import Progress, Run
 from ctxedit.settings import EditSettings, TuneSettings
 from ctxedit.toy.metrics import EditScore, score_edit
@@ -37,7 +33,6 @@ CLIP = Clip(
     frames=8,
 )
 EDITS = ((0, {"colour": "green"}), (0, {"shape": "triangle"}), (1, {"colour": "yellow"}))  # (object, change)
-FONT = ImageFont.load_default(size=11)
 TUNING = dict(frames=8, stride=1, size=64, lr=1e-4, adapter_lr=1e-3)  # the toy model learns fast
 
 
@@ -62,34 +57,6 @@ def toy_model() -> Path:
     if not (TOY_MODEL / "model_index.json").exists():
         raise ModelError(f"the bundled shapes-world model is missing from {TOY_MODEL}; install from the source tree")
     return TOY_MODEL
-
-
-def _captioned(frames: np.ndarray, text: str, scale: int = 4) -> np.ndarray:
-    """Frames scaled up `scale` times, with `text` wrapped in a white band under each."""
-    height, width = frames.shape[1] * scale, frames.shape[2] * scale
-    lines = textwrap.wrap(text, width=width // 6)[:4]  # ~6 px per character at size 11
-    band = 13 * 4 + 6  # room for 4 lines whatever the text: every panel has the same (even) height
-    out = []
-    for frame in frames:
-        panel = Image.new("RGB", (width, height + band), (255, 255, 255))
-        panel.paste(Image.fromarray(frame).resize((width, height), Image.NEAREST))
-        ImageDraw.Draw(panel).multiline_text((4, height + 3), "\n".join(lines), fill=(0, 0, 0), font=FONT)
-        out.append(np.asarray(panel))
-    return np.stack(out)
-
-
-def _strip(rows: list[tuple[str, np.ndarray]], scale: int = 2) -> Image.Image:
-    """One row of frames per video, each under its title."""
-    width = rows[0][1].shape[0] * rows[0][1].shape[2] * scale
-    height = rows[0][1].shape[1] * scale
-    image = Image.new("RGB", (width, len(rows) * (height + 16)), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    for i, (title, frames) in enumerate(rows):
-        top = i * (height + 16)
-        draw.text((4, top + 2), title, fill=(0, 0, 0), font=FONT)
-        row = Image.fromarray(np.concatenate(list(frames), axis=1))
-        image.paste(row.resize((width, height), Image.NEAREST), (0, top + 16))
-    return image
 
 
 def run_demo(
@@ -121,10 +88,8 @@ def run_demo(
         frames = videos.read_frames(videos.probe(Path(result.path)), list(range(CLIP.frames)))
         edits.append(DemoEdit(target.caption, result.path, score_edit(CLIP, target, index, source_frames, frames)))
         rows.append((target.caption, frames))
-    panels = [_captioned(frames, title) for title, frames in rows]
     side_by_side = folder / "side-by-side.mp4"
-    videos.write_video(np.concatenate(panels, axis=2), side_by_side, FPS)
+    videos.write_video(compose.side_by_side(rows), side_by_side, FPS)
     strip = folder / "strip.png"
-    with atomic_path(strip) as tmp:
-        _strip(rows).save(tmp, format="PNG")
+    compose.write_strip(rows, strip)
     return DemoResult(str(folder), str(source), str(side_by_side), str(strip), edits, time.perf_counter() - started)

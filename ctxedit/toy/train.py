@@ -2,9 +2,11 @@
 
 A real diffusers SD-format model (AutoencoderKL, CLIPTextModel + CLIPTokenizer, UNet2DConditionModel,
 SD 1.x DDIM schedule) learns text-to-image on still frames of the shapes world, like SD on photos; video
-comes from ctxedit's inflation and tuning. Seeded, resumable (--work keeps checkpoints), about 50 minutes
-on 2 CPU cores. Stages: 1. VAE (reconstruction), 2. frames -> latents once, 3. text encoder + UNet
-(noise prediction, 10% empty captions for classifier-free guidance), 4. save in fp16, 5. evaluate.
+comes from ctxedit's inflation and tuning. Seeded, resumable (--work keeps checkpoints; rerunning with a
+larger --unet-steps continues a finished run), about 70 minutes on 2 CPU cores with the defaults. Stages:
+1. VAE (reconstruction; --vae reuses one), 2. frames -> latents once, 3. text encoder + UNet (noise
+prediction with Min-SNR weighting, 10% empty captions for classifier-free guidance, EMA weights),
+4. save in fp16, 5. evaluate. samples/toy-sd/training.json records how the bundled model was made.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ class TrainConfig:
     vae_frames: int = 4000  # rendered once, cropped at random
     vae_lr: float = 2e-3
     images: int = 12000  # still frames encoded once for the UNet stage (~13 views of each)
-    unet_steps: int = 3000  # ~0.5 s a step on 2 cores in fp32 (bf16 autocast is 15x slower on CPUs without bf16)
+    unet_steps: int = 3500  # ~0.75 s a step on 2 cores in fp32 (bf16 autocast is 15x slower on CPUs without bf16)
     unet_batch: int = 32
     unet_lr: float = 8e-4
+    snr_gamma: float = 5.0  # Min-SNR loss weighting: noisy timesteps stop dominating the gradient
+    ema_decay: float = 0.999  # the saved weights are an exponential moving average of the trained ones
     empty_caption_rate: float = 0.1  # classifier-free guidance needs unconditional samples
     checkpoint_every: int = 200
 
@@ -79,11 +83,11 @@ def build_models(tokenizer):
         )
     )  # fmt: skip
     unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=128,
+        sample_size=16, block_out_channels=(48, 96, 96), layers_per_block=1, cross_attention_dim=128,
         attention_head_dim=8, norm_num_groups=16,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    )  # fmt: skip  # 1.7 M parameters; cross-attention at 8x8 and 4x4 only (16x16 doubles the step time)
+    )  # fmt: skip  # 3.8 M parameters; cross-attention at 8x8 and 4x4 only (16x16 doubles the step time)
     return vae, text_encoder, unet
 
 
@@ -194,14 +198,17 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, 
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"})
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
     generator, step = torch.Generator().manual_seed(config.seed + 2), 0
     state = checkpoints.load("unet")
     if state:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
+        ema = state["ema"]
         generator.set_state(state["generator"])
         step = state["step"]
+    alphas_cumprod = noise_scheduler.alphas_cumprod
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -223,12 +230,16 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, 
         t = torch.randint(0, 1000, (config.unet_batch,), generator=generator)
         text = text_encoder(batch_ids)[0]
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t, text).sample
-        loss = F.mse_loss(pred.float(), noise)
+        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+        weight = snr.clamp(max=config.snr_gamma) / snr
+        loss = (weight * F.mse_loss(pred.float(), noise, reduction="none").mean((1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - config.ema_decay)
         step += 1
         if step % 25 == 0:
             per_step = (time.perf_counter() - started) / 25
@@ -239,9 +250,12 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, 
                 "unet": unet.state_dict(),
                 "text_encoder": text_encoder.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "ema": ema,
                 "generator": generator.get_state(),
             }
             checkpoints.save("unet", state | {"step": step})
+    with torch.no_grad():
+        torch._foreach_copy_([p.data for p in params], ema)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
 
@@ -301,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, help="one cosine cycle of this many VAE steps (default: the cycles)")
     parser.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
     parser.add_argument("--images", type=int, default=TrainConfig.images)
+    parser.add_argument("--vae", type=Path, help="reuse the VAE of this SD-format model instead of training one")
     args = parser.parse_args(argv)
     cycles = {"vae_cycles": (args.vae_steps,)} if args.vae_steps else {}
     config = TrainConfig(unet_steps=args.unet_steps, images=args.images, **cycles)
@@ -313,7 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     vae, text_encoder, unet = build_models(tokenizer)
     checkpoints = Checkpoints(args.work)
     began = time.perf_counter()
-    train_vae(vae, config, checkpoints)
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, subfolder="vae", torch_dtype=torch.float32).requires_grad_(False)
+    else:
+        train_vae(vae, config, checkpoints)
     pixels, _ = random_frames(np.random.default_rng(12345), 64)
     with torch.no_grad():
         log(f"vae held-out psnr {psnr(vae.decode(vae.encode(pixels).latent_dist.mean).sample, pixels):.2f} dB")
