@@ -201,11 +201,11 @@ def render_edits(
     """Edit towards each request's target; every edit is written and recorded as soon as it is done. Requests
     with the same inversion settings share one inversion (the first one's time includes it)."""
     record = tuned.record
-    inversions: dict[str, tuple[torch.Tensor, bool]] = {}
+    inversions: dict[tuple[int, str], tuple[torch.Tensor, bool]] = {}  # the rest of inversion_key is fixed here
     results = []
     for request in requests:
         started = time.perf_counter()
-        key = inversion_key(tuned, request.settings)
+        key = (request.settings.steps, request.settings.inversion_prompt)
         if key not in inversions:
             inversions[key] = invert_source(tuned, request.settings, progress)
         inverted, cached = inversions[key]
