@@ -275,7 +275,9 @@ def test_a_killed_batch_finishes_on_the_next_run_without_redoing_anything(tmp_pa
     command = [sys.executable, "-m", "ctxedit", "batch", str(path), "--device", "cpu"]
 
     # SIGINT (Ctrl-C) while tuning: a checkpoint, exit 130; the next run resumes it.
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A shell without job control starts background jobs with SIGINT ignored; the batch must see Ctrl-C.
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=default_sigint)
     _wait_for(lambda: (run / "checkpoint.pt").exists(), process)
     process.send_signal(signal.SIGINT)
     assert process.wait(60) == 130
