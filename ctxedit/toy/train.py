@@ -3,7 +3,9 @@
 A real diffusers SD-format model (AutoencoderKL, CLIPTextModel + CLIPTokenizer, UNet2DConditionModel,
 SD 1.x DDIM schedule) learns text-to-image on still frames of the shapes world, like SD on photos; video
 comes from ctxedit's inflation and tuning. Seeded, resumable (--work keeps checkpoints; rerunning with a
-larger --unet-steps continues a finished run), about 70 minutes on 2 CPU cores with the defaults. Stages:
+larger --unet-steps continues a finished run). With the defaults the VAE takes ~13 minutes on 2 CPU cores and
+the UNet stage ~1.5-1.8 hours there, or ~4 minutes on one GPU with --device cuda (batches and noise come from a
+CPU generator, so both see the same data). Stages:
 1. VAE (reconstruction; --vae reuses one), 2. frames -> latents once, 3. text encoder + UNet (noise
 prediction with Min-SNR weighting, 10% empty captions for classifier-free guidance, EMA weights),
 4. save in fp16, 5. evaluate. samples/toy-sd/training.json records how the bundled model was made.
@@ -37,7 +39,7 @@ class TrainConfig:
     vae_frames: int = 4000  # rendered once, cropped at random
     vae_lr: float = 2e-3
     images: int = 12000  # still frames encoded once for the UNet stage (~13 views of each)
-    unet_steps: int = 3500  # ~0.75 s a step on 2 cores in fp32 (bf16 autocast is 15x slower on CPUs without bf16)
+    unet_steps: int = 7000  # 0.75-0.9 s a step on 2 cores in fp32 (bf16 autocast is 15x slower there), ~0.05 on a GPU
     unet_batch: int = 32
     unet_lr: float = 8e-4
     snr_gamma: float = 5.0  # Min-SNR loss weighting: noisy timesteps stop dominating the gradient
@@ -117,7 +119,7 @@ class Checkpoints:
 
     def load(self, name: str):
         path = self.folder / f"{name}.pt"
-        return torch.load(path, weights_only=False) if path.exists() else None
+        return torch.load(path, weights_only=False, map_location="cpu") if path.exists() else None
 
     def save(self, name: str, state: dict) -> None:
         tmp = self.folder / f".{name}.pt.tmp"
@@ -183,7 +185,7 @@ def encode_dataset(vae, config: TrainConfig, checkpoints: Checkpoints) -> tuple[
     latents, captions = [], []
     for start in range(0, config.images, 256):
         pixels, batch_captions = random_frames(rng, min(256, config.images - start))
-        latents.append(vae.encode(pixels).latent_dist.mean)
+        latents.append(vae.encode(pixels.to(vae.device)).latent_dist.mean.cpu())
         captions += batch_captions
     latents = torch.cat(latents)
     scale = float(1 / latents.std())  # as SD: unit variance latents for the diffusion model
@@ -192,8 +194,11 @@ def encode_dataset(vae, config: TrainConfig, checkpoints: Checkpoints) -> tuple[
     return latents, captions, scale
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, checkpoints) -> None:
+def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, checkpoints, device) -> None:
     from diffusers import DDPMScheduler
+
+    unet.to(device)
+    text_encoder.to(device)
 
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"})
     params = [*unet.parameters(), *text_encoder.parameters()]
@@ -205,10 +210,10 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, 
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
-        ema = state["ema"]
+        ema = [e.to(device) for e in state["ema"]]
         generator.set_state(state["generator"])
         step = state["step"]
-    alphas_cumprod = noise_scheduler.alphas_cumprod
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -216,18 +221,19 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, 
         last_epoch=step - 1,
     )
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
+    ids, latents = ids.to(device), latents.to(device)
     unet.train()
     text_encoder.train()
     started = time.perf_counter()
     while step < config.unet_steps:
-        index = torch.randint(0, len(latents), (config.unet_batch,), generator=generator)
+        index = torch.randint(0, len(latents), (config.unet_batch,), generator=generator).to(device)
         x0 = latents[index] * scale
         batch_ids = ids[index].clone()
-        drop = torch.rand(config.unet_batch, generator=generator) < config.empty_caption_rate
+        drop = (torch.rand(config.unet_batch, generator=generator) < config.empty_caption_rate).to(device)
         batch_ids[drop] = empty
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, 1000, (config.unet_batch,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.randint(0, 1000, (config.unet_batch,), generator=generator).to(device)
         text = text_encoder(batch_ids)[0]
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t, text).sample
         snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
@@ -256,8 +262,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, 
             checkpoints.save("unet", state | {"step": step})
     with torch.no_grad():
         torch._foreach_copy_([p.data for p in params], ema)
-    unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
+    unet.cpu().eval().requires_grad_(False)
+    text_encoder.cpu().eval().requires_grad_(False)
 
 
 def save(out: Path, vae, text_encoder, tokenizer, unet, scale: float) -> None:
@@ -272,7 +278,9 @@ def save(out: Path, vae, text_encoder, tokenizer, unet, scale: float) -> None:
 
 
 @torch.no_grad()
-def evaluate(folder: Path, count: int = 96, guidance: float = 4.0, steps: int = 25, seed: int = 777) -> dict:
+def evaluate(
+    folder: Path, count: int = 96, guidance: float = 4.0, steps: int = 25, seed: int = 777, device: str = "cpu"
+) -> dict:
     """Text-to-image accuracy on fresh captions: the share of images whose detected objects (colour and
     shape) are exactly those of the caption, for one- and two-object captions."""
     from diffusers import DDIMScheduler
@@ -282,7 +290,7 @@ def evaluate(folder: Path, count: int = 96, guidance: float = 4.0, steps: int = 
     from ctxedit.models.sd import load_sd
     from ctxedit.toy.detect import detect
 
-    sd = load_sd(str(folder), torch.device("cpu"), torch.float32)
+    sd = load_sd(str(folder), torch.device(device), torch.float32)
     rng = np.random.default_rng(seed)
     clips = [random_clip(rng, frames=1, objects=1 + i % 2) for i in range(count)]
     text, empty = sd.encode_text([c.caption for c in clips]), sd.encode_text([""]).expand(count, -1, -1)
@@ -293,7 +301,7 @@ def evaluate(folder: Path, count: int = 96, guidance: float = 4.0, steps: int = 
 
     scheduler = DDIMScheduler.from_config(sd.scheduler.config)
     scheduler.set_timesteps(steps)
-    noise = torch.randn(count, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(count, 4, 16, 16, generator=torch.Generator().manual_seed(seed)).to(sd.device)
     latents = diffusion.sample(guided, noise, scheduler, None, noise, ShiftSchedule("off"))
     images = sd.decode_latents(latents[None])
     right = [
@@ -316,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
     parser.add_argument("--images", type=int, default=TrainConfig.images)
     parser.add_argument("--vae", type=Path, help="reuse the VAE of this SD-format model instead of training one")
+    parser.add_argument("--device", default="cpu", help="where the UNet stage and the evaluation run (cpu, cuda)")
     args = parser.parse_args(argv)
     cycles = {"vae_cycles": (args.vae_steps,)} if args.vae_steps else {}
     config = TrainConfig(unet_steps=args.unet_steps, images=args.images, **cycles)
@@ -337,12 +346,12 @@ def main(argv: list[str] | None = None) -> None:
     pixels, _ = random_frames(np.random.default_rng(12345), 64)
     with torch.no_grad():
         log(f"vae held-out psnr {psnr(vae.decode(vae.encode(pixels).latent_dist.mean).sample, pixels):.2f} dB")
-    latents, captions, scale = encode_dataset(vae, config, checkpoints)
-    train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, checkpoints)
+    latents, captions, scale = encode_dataset(vae.to(args.device), config, checkpoints)
+    train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, checkpoints, torch.device(args.device))
     save(args.out, vae, text_encoder, tokenizer, unet, scale)
     minutes = (time.perf_counter() - began) / 60
     log(f"saved {args.out} after {minutes:.1f} min")
-    accuracy = evaluate(args.out)
+    accuracy = evaluate(args.out, device=args.device)
     log(f"text-to-image accuracy on held-out captions: {accuracy}")
     report = {"config": asdict(config), "minutes_this_session": minutes, "accuracy": accuracy}
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
