@@ -260,6 +260,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="clips scored at once, each in its own process")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report")
     args = parser.parse_args()
+    if args.clips < 1 or args.jobs < 1:
+        parser.error("--clips and --jobs must be at least 1")
     methods = (METHODS[2], METHODS[3], *ABLATION) if args.ablation else METHODS
 
     rng = np.random.default_rng(HELD_OUT_SEED)
