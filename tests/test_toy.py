@@ -25,8 +25,8 @@ def detection_accuracy(frames_and_clips) -> float:
     right = total = 0
     for frames, clip in frames_and_clips:
         for frame in frames:
-            found = {(d.colour, d.shape) for d in detect(frame)}
-            right += found == {(o.colour, o.shape) for o in clip.objects}
+            found = sorted((d.colour, d.shape) for d in detect(frame))
+            right += found == sorted((o.colour, o.shape) for o in clip.objects)
             total += 1
     return right / total
 
@@ -60,7 +60,8 @@ def test_detectors_on_reconstructions_of_the_bundled_vae():
     sample = clips(12, 40, frames=4)
     rendered = [(c.render()[0], c) for c in sample]
     decoded = [(sd.decode_latents(sd.encode_frames(frames)), clip) for frames, clip in rendered]
-    # 94% measured: the small VAE rounds the corners of small squares and bleeds colour on gray backgrounds.
+    # 96% measured (800 frames): the small VAE rounds small squares, and its mid-block attention, trained on
+    # 32x32 crops, mixes the colours of two objects (red beside yellow comes back orange).
     assert detection_accuracy(decoded) >= 0.9
 
 
@@ -105,4 +106,4 @@ def test_the_demo_runs_end_to_end(tmp_path):
 def test_the_bundled_model_draws_what_captions_say():
     accuracy = train.evaluate(toy_model(), count=16, steps=15)  # 8 captions of each kind
     assert accuracy["one_object"] >= 7 / 8  # 100% measured on 96 captions at 25 steps (training.json)
-    assert accuracy["two_objects"] >= 6 / 8  # 92-94% measured there
+    assert accuracy["two_objects"] >= 6 / 8  # 81-90% measured there (objects counted); 7/8 here

@@ -282,7 +282,8 @@ def evaluate(
     folder: Path, count: int = 96, guidance: float = 4.0, steps: int = 25, seed: int = 777, device: str = "cpu"
 ) -> dict:
     """Text-to-image accuracy on fresh captions: the share of images whose detected objects (colour and
-    shape) are exactly those of the caption, for one- and two-object captions."""
+    shape, counted: a duplicate or a third object is wrong) are exactly those of the caption, for one- and
+    two-object captions."""
     from diffusers import DDIMScheduler
 
     from ctxedit import diffusion
@@ -305,7 +306,7 @@ def evaluate(
     latents = diffusion.sample(guided, noise, scheduler, None, noise, ShiftSchedule("off"))
     images = sd.decode_latents(latents[None])
     right = [
-        {(d.colour, d.shape) for d in detect(image)} == {(o.colour, o.shape) for o in clip.objects}
+        sorted((d.colour, d.shape) for d in detect(image)) == sorted((o.colour, o.shape) for o in clip.objects)
         for image, clip in zip(images, clips, strict=True)
     ]
     return {
