@@ -11,7 +11,7 @@ from ctxedit.cli import app
 from ctxedit.models.sd import load_sd
 from ctxedit.toy import train
 from ctxedit.toy.demo import CLIP, run_demo, toy_model
-from ctxedit.toy.detect import detect
+from ctxedit.toy.detect import detect, shows
 from ctxedit.toy.metrics import score_edit
 from ctxedit.toy.world import SIZE, random_clip
 
@@ -25,8 +25,7 @@ def detection_accuracy(frames_and_clips) -> float:
     right = total = 0
     for frames, clip in frames_and_clips:
         for frame in frames:
-            found = sorted((d.colour, d.shape) for d in detect(frame))
-            right += found == sorted((o.colour, o.shape) for o in clip.objects)
+            right += shows(frame, clip)
             total += 1
     return right / total
 

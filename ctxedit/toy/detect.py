@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctxedit.toy.world import BACKGROUNDS, COLOURS, SHAPES, shape_mask
+from ctxedit.toy.world import BACKGROUNDS, COLOURS, SHAPES, Clip, shape_mask
 
 AREA_PER_RADIUS2 = {"circle": np.pi, "square": 1.8**2, "triangle": 1.299 * 1.5**2}  # see world.outline
 MIN_AREA = 30  # pixels; smaller blobs are noise
@@ -92,3 +92,8 @@ def detect(frame: np.ndarray) -> list[Detection]:
         shape, iou = classify_shape(mask)
         found.append(Detection(colour, shape, centroid(mask), mask, iou))
     return found
+
+
+def shows(frame: np.ndarray, clip: Clip) -> bool:
+    """Whether the frame shows exactly the clip's objects, colour and shape, counted (a duplicate is wrong)."""
+    return sorted((d.colour, d.shape) for d in detect(frame)) == sorted((o.colour, o.shape) for o in clip.objects)

@@ -289,7 +289,7 @@ def evaluate(
     from ctxedit import diffusion
     from ctxedit.diffusion import ShiftSchedule
     from ctxedit.models.sd import load_sd
-    from ctxedit.toy.detect import detect
+    from ctxedit.toy.detect import shows
 
     sd = load_sd(str(folder), torch.device(device), torch.float32)
     rng = np.random.default_rng(seed)
@@ -305,10 +305,7 @@ def evaluate(
     noise = torch.randn(count, 4, 16, 16, generator=torch.Generator().manual_seed(seed)).to(sd.device)
     latents = diffusion.sample(guided, noise, scheduler, None, noise, ShiftSchedule("off"))
     images = sd.decode_latents(latents[None])
-    right = [
-        sorted((d.colour, d.shape) for d in detect(image)) == sorted((o.colour, o.shape) for o in clip.objects)
-        for image, clip in zip(images, clips, strict=True)
-    ]
+    right = [shows(image, clip) for image, clip in zip(images, clips, strict=True)]
     return {
         "one_object": float(np.mean(right[0::2])),
         "two_objects": float(np.mean(right[1::2])),
