@@ -174,7 +174,7 @@ def table(rows: list[dict], methods) -> str:
     ]
     header = [
         "method", "colour drift px", "colour drift p90", "colour jitter px", "shape drift px", "attribute",
-        "binding (2 objects)", "mask IoU (colour)", "background dB", "s per edit",
+        "binding (2 objects)", "exact frames", "mask IoU (colour)", "background dB", "s per edit",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in (m.name for m in methods):
@@ -187,6 +187,7 @@ def table(rows: list[dict], methods) -> str:
             interval(pick(method, "drift_mean", ("shape",))),
             interval(pick(method, "attribute")),
             interval(binding),
+            interval(pick(method, "exact")),
             interval(pick(method, "mask_iou", ("colour",))),
             interval(pick(method, "background_psnr")),
             f"{np.mean(pick(method, 'seconds')):.1f}",

@@ -329,12 +329,13 @@ def demo(
     if json_out:
         _print_json(asdict(result))
         return
-    table = Table("edit", "attribute", "other object kept", "drift px (p90)", "jitter px", "background dB")
+    table = Table("edit", "attribute", "other object kept", "exact", "drift px (p90)", "jitter px", "background dB")
     for e in result.edits:
         s = e.score
         binding = "-" if s.binding is None else f"{s.binding:.0%}"
         drift = f"{s.drift_mean:.1f} ({s.drift_p90:.1f})"
-        table.add_row(e.target, f"{s.attribute:.0%}", binding, drift, f"{s.jitter:.1f}", f"{s.background_psnr:.1f}")
+        cells = f"{s.attribute:.0%}", binding, f"{s.exact:.0%}", drift, f"{s.jitter:.1f}", f"{s.background_psnr:.1f}"
+        table.add_row(e.target, *cells)
     out.print(table)
     out.print(
         f"source {result.source}\nedits  {Path(result.edits[0].path).parent}/\nside by side {result.side_by_side}\n"

@@ -1,6 +1,7 @@
 """The shapes world: generator, detectors, metrics, the bundled model, the demo and the training script."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -59,9 +60,9 @@ def test_detectors_on_reconstructions_of_the_bundled_vae():
     sample = clips(12, 40, frames=4)
     rendered = [(c.render()[0], c) for c in sample]
     decoded = [(sd.decode_latents(sd.encode_frames(frames)), clip) for frames, clip in rendered]
-    # 96% measured (800 frames): the small VAE rounds small squares, and its mid-block attention, trained on
-    # 32x32 crops, mixes the colours of two objects (red beside yellow comes back orange).
-    assert detection_accuracy(decoded) >= 0.9
+    # 100% of these 160 frames, 99.25% of 800 (the rest: small squares come back rounded). Before the decoder
+    # stage 96%: the mid-block attention, trained on crops, mixed the colours of two objects.
+    assert detection_accuracy(decoded) >= 0.98
 
 
 def test_metrics_on_a_perfect_and_a_missing_edit():
@@ -69,9 +70,17 @@ def test_metrics_on_a_perfect_and_a_missing_edit():
     target = clip.edited(0, colour=next(c for c in ("red", "green", "blue", "yellow") if c not in clip.caption))
     source_frames, perfect = clip.render()[0], target.render()[0]
     score = score_edit(clip, target, 0, source_frames, perfect)
-    assert score.attribute == 1 and score.binding == 1 and score.drift_p90 < 0.6 and score.jitter < 0.6
-    assert score.mask_iou > 0.95 and score.background_psnr > 40
-    assert score_edit(clip, target, 0, source_frames, source_frames).attribute == 0
+    assert score.attribute == 1 and score.binding == 1 and score.exact == 1 and score.drift_p90 < 0.6
+    assert score.jitter < 0.6 and score.mask_iou > 0.95 and score.background_psnr > 40
+    unedited = score_edit(clip, target, 0, source_frames, source_frames)
+    assert unedited.attribute == 0 and unedited.binding == 1 and unedited.exact == 0
+
+    # The edited object is right, but an extra object stands beside it: only `exact` sees it.
+    alone = replace(clip, objects=clip.objects[:1])
+    edited = alone.edited(0, shape=next(s for s in ("circle", "square", "triangle") if s != alone.objects[0].shape))
+    extra = replace(clip, objects=(edited.objects[0], clip.objects[1])).render()[0]
+    score = score_edit(alone, edited, 0, alone.render()[0], extra)
+    assert score.attribute == 1 and score.binding is None and score.exact == 0
 
 
 def test_the_word_tokenizer_keeps_every_world_word_whole():
@@ -83,12 +92,22 @@ def test_the_word_tokenizer_keeps_every_world_word_whole():
 
 def test_the_training_script_runs_every_stage(tmp_path):
     out = tmp_path / "model"
-    train.main(["--out", str(out), "--work", str(tmp_path / "work"), "--vae-steps", "2", "--unet-steps", "2",
-                "--images", "32"])  # fmt: skip
+    train.main(["--out", str(out), "--work", str(tmp_path / "work"), "--vae-steps", "2", "--decoder-steps", "2",
+                "--unet-steps", "2", "--images", "32"])  # fmt: skip
     sd = load_sd(str(out), torch.device("cpu"), torch.float32)
     assert sd.vae_scale == 4 and sd.size_multiple == 16 and sd.vae.config.scaling_factor > 0
     report = json.loads((out / "training.json").read_text())
     assert report["config"]["unet_steps"] == 2 and 0 <= report["accuracy"]["one_object"] <= 1
+
+    # Fine-tuning the decoder of a finished model changes the decoder alone: latents, hence the UNet, stay valid.
+    unet_file = (out / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    train.main(["--vae", str(out), "--decoder-only", "--decoder-steps", "2", "--work", str(tmp_path / "work2")])
+    tuned = load_sd(str(out), torch.device("cpu"), torch.float32).vae
+    before, after = sd.vae.state_dict(), tuned.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(("decoder.", "post_quant_conv.")))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert tuned.config.scaling_factor == sd.vae.config.scaling_factor
+    assert (out / "unet/diffusion_pytorch_model.safetensors").read_bytes() == unet_file
 
 
 def test_the_demo_runs_end_to_end(tmp_path):

@@ -3,6 +3,7 @@
 An edit asks one object of the source clip to change colour and/or shape. Measured per edit:
 - attribute: fraction of frames where that object shows the target colour and shape;
 - binding: fraction of frames where every other object kept its colour and shape (two-object clips);
+- exact: fraction of frames showing exactly the target's objects, counted (no leftover, duplicate or extra);
 - drift: distance of the edited object's centroid from the source trajectory (mean and p90, px);
 - jitter: frame-to-frame motion of the edited object minus the source's motion (mean, px);
 - mask IoU of the edited object against the source object; background PSNR outside all objects.
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctxedit.toy.detect import Detection, detect
+from ctxedit.toy.detect import Detection, detect, shows
 from ctxedit.toy.world import Clip
 
 
@@ -22,6 +23,7 @@ from ctxedit.toy.world import Clip
 class EditScore:
     attribute: float
     binding: float | None  # None for one-object clips
+    exact: float
     drift_mean: float
     drift_p90: float
     jitter: float
@@ -43,6 +45,7 @@ def score_edit(source: Clip, target: Clip, index: int, source_frames: np.ndarray
     wanted = target.objects[index]
     _, source_masks = source.render()
     attribute, binding, drift, centres, ious = [], [], [], [], []
+    exact = [shows(frame, target) for frame in frames]
     for f, frame in enumerate(frames):
         detections = detect(frame)
         truth = source.objects[index].centre(f)
@@ -70,6 +73,7 @@ def score_edit(source: Clip, target: Clip, index: int, source_frames: np.ndarray
     return EditScore(
         attribute=float(np.mean(attribute)),
         binding=float(np.mean(binding)) if len(source.objects) > 1 else None,
+        exact=float(np.mean(exact)),
         drift_mean=float(np.mean(drift)),
         drift_p90=float(np.percentile(drift, 90)),
         jitter=float(jitter.mean()) if len(jitter) else 0.0,

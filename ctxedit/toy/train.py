@@ -3,12 +3,13 @@
 A real diffusers SD-format model (AutoencoderKL, CLIPTextModel + CLIPTokenizer, UNet2DConditionModel,
 SD 1.x DDIM schedule) learns text-to-image on still frames of the shapes world, like SD on photos; video
 comes from ctxedit's inflation and tuning. Seeded, resumable (--work keeps checkpoints; rerunning with a
-larger --unet-steps continues a finished run). With the defaults the VAE takes ~13 minutes on 2 CPU cores and
+larger --unet-steps continues a finished run). With the defaults the VAE takes ~30 minutes on 2 CPU cores and
 the UNet stage ~1.5-1.8 hours there, or ~4 minutes on one GPU with --device cuda (batches and noise come from a
 CPU generator, so both see the same data). Stages:
-1. VAE (reconstruction; --vae reuses one), 2. frames -> latents once, 3. text encoder + UNet (noise
-prediction with Min-SNR weighting, 10% empty captions for classifier-free guidance, EMA weights),
-4. save in fp16, 5. evaluate. samples/toy-sd/training.json records how the bundled model was made.
+1. VAE (reconstruction on 32x32 crops, then the decoder alone on whole frames; --vae reuses one), 2. frames ->
+latents once, 3. text encoder + UNet (noise prediction with Min-SNR weighting, 10% empty captions for
+classifier-free guidance, EMA weights), 4. save in fp16, 5. evaluate. samples/toy-sd/training.json records how
+the bundled model was made.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class TrainConfig:
     vae_crop: int = 32  # the VAE is convolutional: 32x32 crops train it at a quarter of the cost
     vae_frames: int = 4000  # rendered once, cropped at random
     vae_lr: float = 2e-3
+    decoder_steps: int = 3000  # then the decoder alone on whole frames (see train_decoder); ~0.45 s a step
+    decoder_batch: int = 16
+    decoder_lr: float = 1e-3
     images: int = 12000  # still frames encoded once for the UNet stage (~13 views of each)
     unet_steps: int = 7000  # 0.75-0.9 s a step on 2 cores in fp32 (bf16 autocast is 15x slower there), ~0.05 on a GPU
     unet_batch: int = 32
@@ -141,37 +145,62 @@ def _cycles(lengths: tuple[int, ...], step: int) -> float:
 
 
 def train_vae(vae, config: TrainConfig, checkpoints: Checkpoints) -> None:
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    rng, step = np.random.default_rng(config.seed), 0
-    state = checkpoints.load("vae")
+    """The whole VAE on 32x32 crops (a quarter of the cost), then the decoder alone on whole frames."""
+    bank_size = min(config.vae_frames, sum(config.vae_cycles) * config.vae_batch)  # no more than training would see
+    bank, _ = random_frames(np.random.default_rng(config.seed + 3), bank_size)
+    _fit_vae(vae, bank, config, checkpoints, name="vae", cycles=config.vae_cycles, batch=config.vae_batch,
+             crop=config.vae_crop, lr=config.vae_lr, seed=config.seed)  # fmt: skip
+    train_decoder(vae, config, checkpoints, bank)
+
+
+def train_decoder(vae, config: TrainConfig, checkpoints: Checkpoints, bank: torch.Tensor | None = None) -> None:
+    """Fine-tune the decoder on whole frames, the encoder frozen. Trained on crops (one object at a time), the
+    mid-block attention mixes the colours of two objects in a whole frame (red beside yellow came back orange).
+    The latents do not change, so a UNet trained on them stays valid."""
+    if bank is None:
+        bank_size = min(config.vae_frames, config.decoder_steps * config.decoder_batch)
+        bank, _ = random_frames(np.random.default_rng(config.seed + 3), bank_size)
+    _fit_vae(vae, bank, config, checkpoints, name="decoder", cycles=(config.decoder_steps,),
+             batch=config.decoder_batch, crop=bank.shape[-1], lr=config.decoder_lr, seed=config.seed + 4,
+             decoder_only=True)  # fmt: skip
+
+
+def _fit_vae(
+    vae, bank: torch.Tensor, config: TrainConfig, checkpoints: Checkpoints, *, name: str, cycles: tuple[int, ...],
+    batch: int, crop: int, lr: float, seed: int, decoder_only: bool = False,
+) -> None:  # fmt: skip
+    """Reconstruction training on random crops of `bank` frames, in cosine cycles; resumable."""
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()] if decoder_only else [*vae.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng, step = np.random.default_rng(seed), 0
+    state = checkpoints.load(name)
     if state:
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state, step = state["rng"], state["step"]
-    lr_factor = partial(_cycles, config.vae_cycles)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor, last_epoch=step - 1)
-    bank_size = min(config.vae_frames, sum(config.vae_cycles) * config.vae_batch)  # no more than training would see
-    bank, _ = random_frames(np.random.default_rng(config.seed + 3), bank_size)
-    vae.train()
-    while step < sum(config.vae_cycles):
-        index = rng.integers(0, len(bank), config.vae_batch)
-        top, left = rng.integers(0, bank.shape[-1] - config.vae_crop + 1, (2, config.vae_batch))
-        c = config.vae_crop
-        pixels = torch.stack([bank[i, :, y : y + c, x : x + c] for i, y, x in zip(index, top, left, strict=True)])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_cycles, cycles), last_epoch=step - 1)
+    vae.train().requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    while step < sum(cycles):
+        index = rng.integers(0, len(bank), batch)
+        top, left = rng.integers(0, bank.shape[-1] - crop + 1, (2, batch))
+        pixels = torch.stack([bank[i, :, y : y + crop, x : x + crop] for i, y, x in zip(index, top, left, strict=True)])
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.mode()).sample  # ctxedit encodes with the mean: train the decoder on it
-        kl = posterior.kl().mean() / pixels[0].numel()
-        loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + 1e-6 * kl
+        loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
+        if not decoder_only:
+            loss = loss + 1e-6 * posterior.kl().mean() / pixels[0].numel()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         step += 1
         if step % 50 == 0:
-            log(f"vae step {step}/{sum(config.vae_cycles)} loss {loss.item():.4f} psnr {psnr(recon, pixels):.1f} dB")
-        if step % config.checkpoint_every == 0 or step == sum(config.vae_cycles):
+            log(f"{name} step {step}/{sum(cycles)} loss {loss.item():.4f} psnr {psnr(recon, pixels):.1f} dB")
+        if step % config.checkpoint_every == 0 or step == sum(cycles):
             state = {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng.bit_generator.state}
-            checkpoints.save("vae", state | {"step": step})
+            checkpoints.save(name, state | {"step": step})
     vae.eval().requires_grad_(False)
 
 
@@ -322,10 +351,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
     parser.add_argument("--images", type=int, default=TrainConfig.images)
     parser.add_argument("--vae", type=Path, help="reuse the VAE of this SD-format model instead of training one")
+    parser.add_argument("--decoder-steps", type=int, default=TrainConfig.decoder_steps)
+    parser.add_argument(
+        "--decoder-only", action="store_true", help="fine-tune the decoder of the --vae model on whole frames and save "
+        "it back into that model (its latents, hence its UNet, stay valid)"
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="where the UNet stage and the evaluation run (cpu, cuda)")
     args = parser.parse_args(argv)
+    if args.decoder_only and not args.vae:
+        parser.error("--decoder-only needs --vae MODEL")
     cycles = {"vae_cycles": (args.vae_steps,)} if args.vae_steps else {}
-    config = TrainConfig(unet_steps=args.unet_steps, images=args.images, **cycles)
+    config = TrainConfig(unet_steps=args.unet_steps, images=args.images, decoder_steps=args.decoder_steps, **cycles)
 
     from ctxedit.models.sd import quiet_hf_libraries
 
@@ -339,11 +375,17 @@ def main(argv: list[str] | None = None) -> None:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(args.vae, subfolder="vae", torch_dtype=torch.float32).requires_grad_(False)
+        if args.decoder_only:
+            train_decoder(vae, config, checkpoints)
     else:
         train_vae(vae, config, checkpoints)
     pixels, _ = random_frames(np.random.default_rng(12345), 64)
     with torch.no_grad():
         log(f"vae held-out psnr {psnr(vae.decode(vae.encode(pixels).latent_dist.mean).sample, pixels):.2f} dB")
+    if args.decoder_only:
+        vae.to(torch.float16).save_pretrained(args.vae / "vae")
+        log(f"saved the fine-tuned decoder in {args.vae / 'vae'}")
+        return
     latents, captions, scale = encode_dataset(vae.to(args.device), config, checkpoints)
     train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, checkpoints, torch.device(args.device))
     save(args.out, vae, text_encoder, tokenizer, unet, scale)
