@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -329,13 +330,18 @@ def demo(
     if json_out:
         _print_json(asdict(result))
         return
-    table = Table("edit", "attribute", "other object kept", "exact", "drift px (p90)", "jitter px", "background dB")
+    legend = (
+        "share of frames: edited = the target object is there, kept = the other object is unchanged in its place, "
+        "exact = exactly the target's objects; drift and jitter in px; bg = background PSNR"
+    )
+    table = Table("edit", "edited", "kept", "exact", "drift (p90)", "jitter", "bg dB", caption=legend,
+                  box=box.SIMPLE, pad_edge=False, collapse_padding=True)  # fmt: skip  # fits 80 columns
     for e in result.edits:
         s = e.score
         binding = "-" if s.binding is None else f"{s.binding:.0%}"
         drift = f"{s.drift_mean:.1f} ({s.drift_p90:.1f})"
         cells = f"{s.attribute:.0%}", binding, f"{s.exact:.0%}", drift, f"{s.jitter:.1f}", f"{s.background_psnr:.1f}"
-        table.add_row(e.target, *cells)
+        table.add_row(e.change, *cells)
     out.print(table)
     out.print(
         f"source {result.source}\nedits  {Path(result.edits[0].path).parent}/\nside by side {result.side_by_side}\n"

@@ -112,7 +112,8 @@ def test_the_training_script_runs_every_stage(tmp_path):
 
 def test_the_demo_runs_end_to_end(tmp_path):
     result = run_demo(tmp_path / "demo", tune_steps=2, edit_steps=3, device="cpu")
-    assert len(result.edits) == 3 and all(0 <= e.score.attribute <= 1 for e in result.edits)
+    changes = ["red circle -> green circle", "red circle -> red triangle", "blue square -> yellow square"]
+    assert [e.change for e in result.edits] == changes and all(0 <= e.score.exact <= 1 for e in result.edits)
     assert (tmp_path / "demo/side-by-side.mp4").exists() and (tmp_path / "demo/strip.png").exists()
     with pytest.raises(Exception, match="--overwrite"):
         run_demo(tmp_path / "demo", tune_steps=2, edit_steps=3, device="cpu")

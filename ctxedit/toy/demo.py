@@ -38,6 +38,7 @@ TUNING = dict(frames=8, stride=1, size=64, lr=1e-4, adapter_lr=1e-3)  # the toy 
 
 @dataclass
 class DemoEdit:
+    change: str  # "red circle -> green circle"
     target: str
     path: str
     score: EditScore
@@ -86,7 +87,10 @@ def run_demo(
     edits, rows = [], [("source: " + CLIP.caption, source_frames)]
     for (index, _), target, result in zip(EDITS, targets, results, strict=True):
         frames = videos.read_frames(videos.probe(Path(result.path)), list(range(CLIP.frames)))
-        edits.append(DemoEdit(target.caption, result.path, score_edit(CLIP, target, index, source_frames, frames)))
+        before, after = CLIP.objects[index], target.objects[index]
+        change = f"{before.colour} {before.shape} -> {after.colour} {after.shape}"
+        score = score_edit(CLIP, target, index, source_frames, frames)
+        edits.append(DemoEdit(change, target.caption, result.path, score))
         rows.append((target.caption, frames))
     side_by_side = folder / "side-by-side.mp4"
     videos.write_video(compose.side_by_side(rows), side_by_side, FPS)
