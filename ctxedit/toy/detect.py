@@ -94,6 +94,8 @@ def detect(frame: np.ndarray) -> list[Detection]:
     return found
 
 
-def shows(frame: np.ndarray, clip: Clip) -> bool:
-    """Whether the frame shows exactly the clip's objects, colour and shape, counted (a duplicate is wrong)."""
-    return sorted((d.colour, d.shape) for d in detect(frame)) == sorted((o.colour, o.shape) for o in clip.objects)
+def shows(frame: np.ndarray, clip: Clip, detections: list[Detection] | None = None) -> bool:
+    """Whether the frame (or its `detections`, if already made) shows exactly the clip's objects, colour and
+    shape, counted (a duplicate is wrong)."""
+    found = detect(frame) if detections is None else detections
+    return sorted((d.colour, d.shape) for d in found) == sorted((o.colour, o.shape) for o in clip.objects)

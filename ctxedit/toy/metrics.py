@@ -44,14 +44,14 @@ def score_edit(source: Clip, target: Clip, index: int, source_frames: np.ndarray
     """Score `frames`, an edit of `source` towards `target` (which differs in object `index` only)."""
     wanted = target.objects[index]
     _, source_masks = source.render()
-    attribute, binding, drift, centres, ious = [], [], [], [], []
-    exact = [shows(frame, target) for frame in frames]
+    attribute, binding, exact, drift, centres, ious = [], [], [], [], [], []
     for f, frame in enumerate(frames):
         detections = detect(frame)
         truth = source.objects[index].centre(f)
         matches = [d for d in detections if (d.colour, d.shape) == (wanted.colour, wanted.shape)]
         edited = _nearest(matches, truth) or _nearest(detections, truth)
         attribute.append(bool(matches))
+        exact.append(shows(frame, target, detections))
         if edited is None:  # the object vanished: the worst drift the frame allows
             drift.append(float(np.hypot(*frame.shape[:2])))
             centres.append(truth)

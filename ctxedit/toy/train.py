@@ -146,8 +146,7 @@ def _cycles(lengths: tuple[int, ...], step: int) -> float:
 
 def train_vae(vae, config: TrainConfig, checkpoints: Checkpoints) -> None:
     """The whole VAE on 32x32 crops (a quarter of the cost), then the decoder alone on whole frames."""
-    bank_size = min(config.vae_frames, sum(config.vae_cycles) * config.vae_batch)  # no more than training would see
-    bank, _ = random_frames(np.random.default_rng(config.seed + 3), bank_size)
+    bank = _frame_bank(config, sum(config.vae_cycles) * config.vae_batch)
     _fit_vae(vae, bank, config, checkpoints, name="vae", cycles=config.vae_cycles, batch=config.vae_batch,
              crop=config.vae_crop, lr=config.vae_lr, seed=config.seed)  # fmt: skip
     train_decoder(vae, config, checkpoints, bank)
@@ -158,11 +157,15 @@ def train_decoder(vae, config: TrainConfig, checkpoints: Checkpoints, bank: torc
     mid-block attention mixes the colours of two objects in a whole frame (red beside yellow came back orange).
     The latents do not change, so a UNet trained on them stays valid."""
     if bank is None:
-        bank_size = min(config.vae_frames, config.decoder_steps * config.decoder_batch)
-        bank, _ = random_frames(np.random.default_rng(config.seed + 3), bank_size)
+        bank = _frame_bank(config, config.decoder_steps * config.decoder_batch)
     _fit_vae(vae, bank, config, checkpoints, name="decoder", cycles=(config.decoder_steps,),
              batch=config.decoder_batch, crop=bank.shape[-1], lr=config.decoder_lr, seed=config.seed + 4,
              decoder_only=True)  # fmt: skip
+
+
+def _frame_bank(config: TrainConfig, seen: int) -> torch.Tensor:
+    """The VAE stages' frames, rendered once: config.vae_frames, or fewer if training sees fewer (`seen`)."""
+    return random_frames(np.random.default_rng(config.seed + 3), min(config.vae_frames, seen))[0]
 
 
 def _fit_vae(
