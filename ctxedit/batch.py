@@ -179,6 +179,7 @@ def _gather(outcomes: list[JobOutcome], share: Share) -> list[JobOutcome]:
 
     everyone: list[list[JobOutcome] | None] = [None] * share.world
     dist.all_gather_object(everyone, outcomes)
+    dist.barrier()  # no process tears the group down while another is still receiving
     return [outcome for part in everyone for outcome in part or []]
 
 

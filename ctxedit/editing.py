@@ -150,10 +150,14 @@ def edit_latents(
     )
 
 
+def _output_fps(record: dict, output: OutputSettings) -> float:
+    return output.fps or record["fps"]
+
+
 def _audio_span(record: dict, output: OutputSettings) -> videos.AudioSpan | None:
     """The source's audio under the edited frames; none at another frame rate, where it would not line up."""
     source, frames = record["video"], record["frames"]
-    if not source["has_audio"] or not Path(source["path"]).exists() or output.fps not in (None, record["fps"]):
+    if not source["has_audio"] or not Path(source["path"]).exists() or _output_fps(record, output) != record["fps"]:
         return None
     start = frames["indices"][0] / source["fps"]
     return videos.AudioSpan(Path(source["path"]), start, frames["count"] * frames["stride"] / source["fps"])
@@ -216,7 +220,7 @@ def render_edits(
             frames = videos.resize_frames(
                 frames, videos.source_region(record["video"]["width"], record["video"]["height"], frames.shape[2:0:-1])
             )
-        audio, fps = _audio_span(record, output), output.fps or record["fps"]
+        audio, fps = _audio_span(record, output), _output_fps(record, output)
         videos.write_video(frames, request.path, fps, audio, overwrite)
         gif_path = request.path.with_suffix(".gif") if output.gif else None
         if gif_path:
@@ -273,7 +277,5 @@ def write_composites(
     if not composite_paths(run, output) or not edits:
         return []
     source = ("source: " + record["settings"]["prompt"], source_frames(record))
-    fps = output.fps or record["fps"]
-    folder = run.root / "edits"
-    audio = _audio_span(record, output)
+    folder, fps, audio = run.root / "edits", _output_fps(record, output), _audio_span(record, output)
     return compose.write_composites(source, edits, folder, output.side_by_side, output.grid, fps, audio, overwrite)

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from ctxedit.cli import app
+from ctxedit.files import atomic_folder
 from ctxedit.models.sd import load_sd
 from ctxedit.toy import train
 from ctxedit.toy.demo import CLIP, run_demo, toy_model
@@ -93,11 +94,12 @@ def test_the_word_tokenizer_keeps_every_world_word_whole():
 def test_the_training_script_runs_every_stage(tmp_path):
     out = tmp_path / "model"
     train.main(["--out", str(out), "--work", str(tmp_path / "work"), "--vae-steps", "2", "--decoder-steps", "2",
-                "--unet-steps", "2", "--images", "32"])  # fmt: skip
+                "--unet-steps", "2", "--images", "32", "--refine-steps", "2", "--refine-images", "32",
+                "--eval-captions", "4"])  # fmt: skip
     sd = load_sd(str(out), torch.device("cpu"), torch.float32)
     assert sd.vae_scale == 4 and sd.size_multiple == 16 and sd.vae.config.scaling_factor > 0
     report = json.loads((out / "training.json").read_text())
-    assert report["config"]["unet_steps"] == 2 and 0 <= report["accuracy"]["one_object"] <= 1
+    assert report["config"]["refine_steps"] == 2 and 0 <= report["accuracy"]["one_object"] <= 1
 
     # Fine-tuning the decoder of a finished model changes the decoder alone: latents, hence the UNet, stay valid.
     unet_file = (out / "unet/diffusion_pytorch_model.safetensors").read_bytes()
@@ -108,6 +110,21 @@ def test_the_training_script_runs_every_stage(tmp_path):
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert tuned.config.scaling_factor == sd.vae.config.scaling_factor
     assert (out / "unet/diffusion_pytorch_model.safetensors").read_bytes() == unet_file
+
+    # The refine cycle on a finished model changes its UNet and text encoder alone.
+    vae_file = (out / "vae/diffusion_pytorch_model.safetensors").read_bytes()
+    train.main(["--vae", str(out), "--refine-only", "--refine-steps", "2", "--images", "32", "--refine-images", "32",
+                "--eval-captions", "4", "--work", str(tmp_path / "work3")])  # fmt: skip
+    assert (out / "vae/diffusion_pytorch_model.safetensors").read_bytes() == vae_file
+    assert (out / "unet/diffusion_pytorch_model.safetensors").read_bytes() != unet_file
+    assert json.loads((out / "training.json").read_text()) == report
+
+    # A save that fails half way leaves the model as it was, and no partial folder behind.
+    config = (out / "vae/config.json").read_text()
+    with pytest.raises(RuntimeError, match="killed"), atomic_folder(out / "vae") as partial:
+        (partial / "config.json").write_text("{}")
+        raise RuntimeError("killed")
+    assert (out / "vae/config.json").read_text() == config and not list(out.glob(".*"))
 
 
 def test_the_demo_runs_end_to_end(tmp_path):

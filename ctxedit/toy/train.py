@@ -2,14 +2,14 @@
 
 A real diffusers SD-format model (AutoencoderKL, CLIPTextModel + CLIPTokenizer, UNet2DConditionModel,
 SD 1.x DDIM schedule) learns text-to-image on still frames of the shapes world, like SD on photos; video
-comes from ctxedit's inflation and tuning. Seeded, resumable (--work keeps checkpoints; rerunning with a
-larger --unet-steps continues a finished run). With the defaults the VAE takes ~30 minutes on 2 CPU cores and
-the UNet stage ~1.5-1.8 hours there, or ~4 minutes on one GPU with --device cuda (batches and noise come from a
-CPU generator, so both see the same data). Stages:
+comes from ctxedit's inflation and tuning. Seeded, resumable (--work keeps checkpoints: a stopped run
+continues where it was). With the defaults the VAE takes ~40 minutes on 2 CPU cores and the UNet stages
+~2-2.3 hours there, or ~5 minutes on one GPU with --device cuda (batches and noise come from a CPU generator,
+so both see the same data). Stages:
 1. VAE (reconstruction on 32x32 crops, then the decoder alone on whole frames; --vae reuses one), 2. frames ->
 latents once, 3. text encoder + UNet (noise prediction with Min-SNR weighting, 10% empty captions for
-classifier-free guidance, EMA weights), 4. save in fp16, 5. evaluate. samples/toy-sd/training.json records how
-the bundled model was made.
+classifier-free guidance, EMA weights), 4. a shorter refine cycle from those weights on more two-object frames,
+5. save in fp16, 6. evaluate. samples/toy-sd/training.json records how the bundled model was made.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ctxedit.files import atomic_folder
 from ctxedit.models.synthetic import SD_SCHEDULER
 from ctxedit.toy.world import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, random_clip
 
@@ -46,6 +47,9 @@ class TrainConfig:
     unet_steps: int = 7000  # 0.75-0.9 s a step on 2 cores in fp32 (bf16 autocast is 15x slower there), ~0.05 on a GPU
     unet_batch: int = 32
     unet_lr: float = 8e-4
+    refine_steps: int = 2000  # then a second, gentler cycle from the EMA weights, on the frames plus fresh ones
+    refine_images: int = 12000  # fresh frames for it, two objects in two of three (the hard case: duplicates)
+    refine_lr: float = 3e-4
     snr_gamma: float = 5.0  # Min-SNR loss weighting: noisy timesteps stop dominating the gradient
     ema_decay: float = 0.999  # the saved weights are an exponential moving average of the trained ones
     empty_caption_rate: float = 0.1  # classifier-free guidance needs unconditional samples
@@ -97,11 +101,14 @@ def build_models(tokenizer):
     return vae, text_encoder, unet
 
 
-def random_frames(rng: np.random.Generator, count: int) -> tuple[torch.Tensor, list[str]]:
-    """Single frames of random 1- and 2-object clips, in [-1, 1], with their captions."""
+def random_frames(
+    rng: np.random.Generator, count: int, objects: tuple[int, ...] = (1, 2)
+) -> tuple[torch.Tensor, list[str]]:
+    """Single frames of random clips, in [-1, 1], with their captions; each clip's object count is drawn from
+    `objects` (1 or 2 alike by default; (1, 2, 2) gives two objects in two frames of three)."""
     frames, captions = [], []
     for _ in range(count):
-        clip = random_clip(rng, frames=8, objects=int(rng.integers(1, 3)))
+        clip = random_clip(rng, frames=8, objects=int(rng.choice(objects)))
         frame = clip.render_frame(int(rng.integers(0, clip.frames)))[0]
         frames.append(frame)
         captions.append(clip.caption)
@@ -208,36 +215,40 @@ def _fit_vae(
 
 
 @torch.no_grad()
-def encode_dataset(vae, config: TrainConfig, checkpoints: Checkpoints) -> tuple[torch.Tensor, list[str], float]:
-    """(latents, captions, scaling factor): every training frame through the VAE once."""
-    state = checkpoints.load("dataset")
+def encode_frames(
+    vae, checkpoints: Checkpoints, name: str, count: int, seed: int, objects: tuple[int, ...] = (1, 2)
+) -> tuple[torch.Tensor, list[str]]:
+    """(latents, captions) of `count` random frames, each through the VAE once; kept in the work folder."""
+    state = checkpoints.load(name)
     if state:
-        return state["latents"], state["captions"], state["scale"]
-    rng = np.random.default_rng(config.seed + 1)
+        return state["latents"], state["captions"]
+    rng = np.random.default_rng(seed)
     latents, captions = [], []
-    for start in range(0, config.images, 256):
-        pixels, batch_captions = random_frames(rng, min(256, config.images - start))
+    for start in range(0, count, 256):
+        pixels, batch_captions = random_frames(rng, min(256, count - start), objects)
         latents.append(vae.encode(pixels.to(vae.device)).latent_dist.mean.cpu())
         captions += batch_captions
-    latents = torch.cat(latents)
-    scale = float(1 / latents.std())  # as SD: unit variance latents for the diffusion model
-    checkpoints.save("dataset", {"latents": latents, "captions": captions, "scale": scale})
-    log(f"encoded {len(captions)} frames; latent scaling factor {scale:.4f}")
-    return latents, captions, scale
+    checkpoints.save(name, {"latents": torch.cat(latents), "captions": captions})
+    log(f"encoded {len(captions)} frames ({name})")
+    return torch.cat(latents), captions
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, checkpoints, device) -> None:
+def train_unet(
+    unet, text_encoder, tokenizer, latents, captions, scale, config, checkpoints, device, *, name: str, steps: int,
+    lr: float, seed: int,
+) -> None:  # fmt: skip
+    """One cosine cycle of `steps` from the UNet's and text encoder's current weights, which end as the EMA."""
     from diffusers import DDPMScheduler
 
-    unet.to(device)
-    text_encoder.to(device)
+    unet.to(device).train().requires_grad_(True)
+    text_encoder.to(device).train().requires_grad_(True)
 
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"})
     params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
-    generator, step = torch.Generator().manual_seed(config.seed + 2), 0
-    state = checkpoints.load("unet")
+    generator, step = torch.Generator().manual_seed(seed), 0
+    state = checkpoints.load(name)
     if state:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
@@ -249,16 +260,14 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, 
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / config.unet_steps))),
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))),
         last_epoch=step - 1,
     )
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
     ids, latents = ids.to(device), latents.to(device)
-    unet.train()
-    text_encoder.train()
     started = time.perf_counter()
-    while step < config.unet_steps:
+    while step < steps:
         index = torch.randint(0, len(latents), (config.unet_batch,), generator=generator).to(device)
         x0 = latents[index] * scale
         batch_ids = ids[index].clone()
@@ -282,8 +291,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, 
         if step % 25 == 0:
             per_step = (time.perf_counter() - started) / 25
             started = time.perf_counter()
-            log(f"unet step {step}/{config.unet_steps} loss {loss.item():.4f} ({per_step:.2f} s/step)")
-        if step % config.checkpoint_every == 0 or step == config.unet_steps:
+            log(f"{name} step {step}/{steps} loss {loss.item():.4f} ({per_step:.2f} s/step)")
+        if step % config.checkpoint_every == 0 or step == steps:
             state = {
                 "unet": unet.state_dict(),
                 "text_encoder": text_encoder.state_dict(),
@@ -291,7 +300,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, 
                 "ema": ema,
                 "generator": generator.get_state(),
             }
-            checkpoints.save("unet", state | {"step": step})
+            checkpoints.save(name, state | {"step": step})
     with torch.no_grad():
         torch._foreach_copy_([p.data for p in params], ema)
     unet.cpu().eval().requires_grad_(False)
@@ -306,12 +315,19 @@ def save(out: Path, vae, text_encoder, tokenizer, unet, scale: float) -> None:
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
-    pipeline.to(torch.float16).save_pretrained(out)
+    with atomic_folder(out) as tmp:
+        pipeline.to(torch.float16).save_pretrained(tmp)
+
+
+def save_part(folder: Path, model) -> None:
+    """Replace one part of a saved model (its vae, unet or text_encoder folder) in fp16."""
+    with atomic_folder(folder) as tmp:
+        model.to(torch.float16).save_pretrained(tmp)
 
 
 @torch.no_grad()
 def evaluate(
-    folder: Path, count: int = 96, guidance: float = 4.0, steps: int = 25, seed: int = 777, device: str = "cpu"
+    folder: Path, count: int = 384, guidance: float = 4.0, steps: int = 25, seed: int = 777, device: str = "cpu"
 ) -> dict:
     """Text-to-image accuracy on fresh captions: the share of images whose detected objects (colour and
     shape, counted: a duplicate or a third object is wrong) are exactly those of the caption, for one- and
@@ -353,18 +369,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, help="one cosine cycle of this many VAE steps (default: the cycles)")
     parser.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
     parser.add_argument("--images", type=int, default=TrainConfig.images)
+    parser.add_argument("--refine-steps", type=int, default=TrainConfig.refine_steps)
+    parser.add_argument("--refine-images", type=int, default=TrainConfig.refine_images)
     parser.add_argument("--vae", type=Path, help="reuse the VAE of this SD-format model instead of training one")
     parser.add_argument("--decoder-steps", type=int, default=TrainConfig.decoder_steps)
-    parser.add_argument(
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument(
         "--decoder-only", action="store_true", help="fine-tune the decoder of the --vae model on whole frames and save "
         "it back into that model (its latents, hence its UNet, stay valid)"
     )  # fmt: skip
-    parser.add_argument("--device", default="cpu", help="where the UNet stage and the evaluation run (cpu, cuda)")
+    only.add_argument(
+        "--refine-only", action="store_true", help="run the refine cycle on the UNet and text encoder of the --vae "
+        "model and save them back into that model"
+    )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="where the UNet stages and the evaluation run (cpu, cuda)")
+    parser.add_argument("--eval-captions", type=int, default=384, help="held-out captions the evaluation draws")
     args = parser.parse_args(argv)
-    if args.decoder_only and not args.vae:
-        parser.error("--decoder-only needs --vae MODEL")
+    if (args.decoder_only or args.refine_only) and not args.vae:
+        parser.error("--decoder-only and --refine-only need --vae MODEL")
     cycles = {"vae_cycles": (args.vae_steps,)} if args.vae_steps else {}
-    config = TrainConfig(unet_steps=args.unet_steps, images=args.images, decoder_steps=args.decoder_steps, **cycles)
+    config = TrainConfig(
+        unet_steps=args.unet_steps, images=args.images, decoder_steps=args.decoder_steps,
+        refine_steps=args.refine_steps, refine_images=args.refine_images, **cycles,
+    )  # fmt: skip
 
     from ctxedit.models.sd import quiet_hf_libraries
 
@@ -386,18 +413,43 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         log(f"vae held-out psnr {psnr(vae.decode(vae.encode(pixels).latent_dist.mean).sample, pixels):.2f} dB")
     if args.decoder_only:
-        vae.to(torch.float16).save_pretrained(args.vae / "vae")
+        save_part(args.vae / "vae", vae)
         log(f"saved the fine-tuned decoder in {args.vae / 'vae'}")
         return
-    latents, captions, scale = encode_dataset(vae.to(args.device), config, checkpoints)
-    train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, checkpoints, torch.device(args.device))
-    save(args.out, vae, text_encoder, tokenizer, unet, scale)
+    device = torch.device(args.device)
+    latents, captions = encode_frames(vae.to(device), checkpoints, "dataset", config.images, config.seed + 1)
+    if args.refine_only:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(args.vae, subfolder="unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(args.vae, subfolder="text_encoder", torch_dtype=torch.float32)
+        scale = vae.config.scaling_factor
+    else:
+        scale = float(1 / latents.std())  # as SD: unit variance latents for the diffusion model
+        log(f"latent scaling factor {scale:.4f}")
+        train_unet(unet, text_encoder, tokenizer, latents, captions, scale, config, checkpoints, device, name="unet",
+                   steps=config.unet_steps, lr=config.unet_lr, seed=config.seed + 2)  # fmt: skip
+    if config.refine_steps:
+        fresh, fresh_captions = encode_frames(
+            vae, checkpoints, "refine-dataset", config.refine_images, config.seed + 5, objects=(1, 2, 2)
+        )
+        train_unet(unet, text_encoder, tokenizer, torch.cat([latents, fresh]), captions + fresh_captions, scale,
+                   config, checkpoints, device, name="refine", steps=config.refine_steps, lr=config.refine_lr,
+                   seed=config.seed + 6)  # fmt: skip
+    out = args.vae if args.refine_only else args.out
+    if args.refine_only:
+        save_part(out / "unet", unet)
+        save_part(out / "text_encoder", text_encoder)
+    else:
+        save(out, vae, text_encoder, tokenizer, unet, scale)
     minutes = (time.perf_counter() - began) / 60
-    log(f"saved {args.out} after {minutes:.1f} min")
-    accuracy = evaluate(args.out, device=args.device)
+    log(f"saved {out} after {minutes:.1f} min")
+    accuracy = evaluate(out, count=args.eval_captions, device=args.device)
     log(f"text-to-image accuracy on held-out captions: {accuracy}")
-    report = {"config": asdict(config), "minutes_this_session": minutes, "accuracy": accuracy}
-    (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not args.refine_only:
+        report = {"config": asdict(config), "minutes_this_session": minutes, "accuracy": accuracy}
+        (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
