@@ -141,5 +141,5 @@ def test_the_demo_runs_end_to_end(tmp_path):
 
 def test_the_bundled_model_draws_what_captions_say():
     accuracy = train.evaluate(toy_model(), count=16, steps=15)  # 8 captions of each kind
-    assert accuracy["one_object"] >= 7 / 8  # 100% measured on 96 captions at 25 steps (training.json)
-    assert accuracy["two_objects"] >= 6 / 8  # 85-94% measured there (objects counted)
+    assert accuracy["one_object"] >= 7 / 8  # 99.5% measured on 384 captions at 25 steps (training.json)
+    assert accuracy["two_objects"] >= 6 / 8  # 80-85% measured there (objects counted)

@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.decoder_only or args.refine_only) and not args.vae:
         parser.error("--decoder-only and --refine-only need --vae MODEL")
+    if args.refine_only and args.refine_steps < 1:
+        parser.error("--refine-only needs --refine-steps of at least 1")
     cycles = {"vae_cycles": (args.vae_steps,)} if args.vae_steps else {}
     config = TrainConfig(
         unet_steps=args.unet_steps, images=args.images, decoder_steps=args.decoder_steps,
@@ -437,11 +439,12 @@ def main(argv: list[str] | None = None) -> None:
         train_unet(unet, text_encoder, tokenizer, torch.cat([latents, fresh]), captions + fresh_captions, scale,
                    config, checkpoints, device, name="refine", steps=config.refine_steps, lr=config.refine_lr,
                    seed=config.seed + 6)  # fmt: skip
-    out = args.vae if args.refine_only else args.out
     if args.refine_only:
+        out = args.vae
         save_part(out / "unet", unet)
         save_part(out / "text_encoder", text_encoder)
     else:
+        out = args.out
         save(out, vae, text_encoder, tokenizer, unet, scale)
     minutes = (time.perf_counter() - began) / 60
     log(f"saved {out} after {minutes:.1f} min")
