@@ -15,7 +15,6 @@ classifier-free guidance, EMA weights), 4. a shorter refine cycle from those wei
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctxedit.files import atomic_folder
+from ctxedit.files import atomic_folder, write_json
 from ctxedit.models.synthetic import SD_SCHEDULER
 from ctxedit.toy.world import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, random_clip
 
@@ -228,9 +227,10 @@ def encode_frames(
         pixels, batch_captions = random_frames(rng, min(256, count - start), objects)
         latents.append(vae.encode(pixels.to(vae.device)).latent_dist.mean.cpu())
         captions += batch_captions
-    checkpoints.save(name, {"latents": torch.cat(latents), "captions": captions})
+    latents = torch.cat(latents)
+    checkpoints.save(name, {"latents": latents, "captions": captions})
     log(f"encoded {len(captions)} frames ({name})")
-    return torch.cat(latents), captions
+    return latents, captions
 
 
 def train_unet(
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"text-to-image accuracy on held-out captions: {accuracy}")
     if not args.refine_only:
         report = {"config": asdict(config), "minutes_this_session": minutes, "accuracy": accuracy}
-        (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out / "training.json", report)
 
 
 if __name__ == "__main__":
