@@ -1,17 +1,21 @@
-"""Edit quality on the shapes world: four methods side by side on held-out clips, scored against ground truth.
+"""Edit quality on the shapes world: methods and edit settings side by side on held-out clips, scored against
+the ground truth.
 
     python benchmarks/edit_quality.py [--clips 16] [--seeds 1] [--tune-steps 150] [--steps 25] [--ablation]
                                       [--device cpu|cuda] [--jobs N]
 
 Methods, same budget (DDIM steps, guidance, tuning steps): the image model per frame (no inflation, no
 tuning), the inflated video UNet without tuning, Tune-A-Video (tuned, context off) and ContextDiff (tuned,
-context adapter). Each clip gets three edits: a colour edit and a shape edit of the first object, and a
-colour+shape edit (of the first object in one-object clips, of the second in two-object clips, so that
-binding says whether the untouched object stayed). Writes benchmarks/results/edit_quality.md (mean and
-95% interval over clips and seeds) and edit_quality.png. `--ablation` adds ContextDiff variants (shift
-schedule, context scale, adapter learning rate, context fixed at R(x0_src, c_tgt) instead of following x0_hat)
-and writes edit_quality_ablation.md. The report is rewritten after every clip, so a stopped run leaves what it
-measured. `--jobs N` scores N clips at once in worker processes (on a GPU, where one tiny-model process
+context adapter). Each is edited the plain way (DDIM inversion and sampling, nothing kept from the source), with
+each part of structure keeping alone (direct inversion, the source's features, the shared words' cross-attention,
+local blending) and with ctxedit's defaults, through the same library calls as `ctxedit edit`. Each clip gets
+three edits: a colour edit and a shape edit of the first object, and a colour+shape edit (of the first object in
+one-object clips, of the second in two-object clips, so that binding says whether the untouched object stayed),
+plus a reconstruction (target = the source caption), scored against the VAE reconstruction of the source.
+Writes benchmarks/results/edit_quality.md (mean and 95% interval over clips and seeds) and edit_quality.png.
+`--ablation` compares ContextDiff's choices (shift schedule, context scale, adapter learning rate) with plain
+edits and writes edit_quality_ablation.md. The report is rewritten after every clip, so a stopped run leaves what
+it measured. `--jobs N` scores N clips at once in worker processes (on a GPU, where one tiny-model process
 leaves it mostly idle).
 """
 
@@ -30,18 +34,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from diffusers import DDIMInverseScheduler
 from PIL import Image, ImageDraw
+from stages import PeakMemory
 
-from ctxedit import diffusion, editing
+from ctxedit import editing
+from ctxedit.attention import Control, store_bytes
 from ctxedit.diffusion import ShiftSchedule
 from ctxedit.models.sd import StableDiffusion, load_sd
-from ctxedit.models.trained import build
+from ctxedit.models.trained import build, save_trained
+from ctxedit.runs import Run
 from ctxedit.settings import EditSettings, TuneSettings
 from ctxedit.toy.demo import TUNING, toy_model
 from ctxedit.toy.metrics import score_edit
 from ctxedit.toy.world import COLOURS, SHAPES, Clip, random_clip
 from ctxedit.tuning import tune
+
+PLAIN = {"inversion": "plain", "keep_structure": 0.0, "keep_words": 0.0, "blend": "off"}
+EDITS = {  # edit settings: name -> what differs from ctxedit's defaults
+    "plain": PLAIN,
+    "direct inversion": PLAIN | {"inversion": "direct"},
+    "features": PLAIN | {"keep_structure": EditSettings.keep_structure},
+    "shared words": PLAIN | {"keep_words": EditSettings.keep_words},
+    "blend": PLAIN | {"blend": "auto"},
+    "defaults": {},
+}
 
 
 @dataclass(frozen=True)
@@ -52,23 +68,26 @@ class Method:
     context: str = "quadratic"  # shift schedule; "off" is Tune-A-Video
     context_scale: float = 1.0
     adapter_lr: float = TUNING["adapter_lr"]
-    follow_x0_hat: bool = True  # False: the context stays R(x0_src, c_tgt) through sampling
+    edits: tuple[str, ...] = tuple(EDITS)  # the edit settings it is measured with
 
 
 METHODS = (
-    Method("image model per frame", inflated=False, tuned=False, context="off"),
-    Method("inflated, no tuning", tuned=False, context="off"),
+    Method("image model per frame", inflated=False, tuned=False, context="off", edits=("plain",)),
+    Method("inflated, no tuning", tuned=False, context="off", edits=("plain", "defaults")),
     Method("Tune-A-Video", context="off"),
     Method("ContextDiff"),
 )
 ABLATION = (
-    Method("ContextDiff, prior schedule", context="prior"),
-    Method("ContextDiff, context scale 2", context_scale=2.0),
-    Method("ContextDiff, adapter lr 1e-4", adapter_lr=1e-4),
-    Method("ContextDiff, fixed context", follow_x0_hat=False),
+    Method("Tune-A-Video", context="off", edits=("plain",)),
+    Method("ContextDiff", edits=("plain",)),
+    Method("ContextDiff, prior schedule", context="prior", edits=("plain",)),
+    Method("ContextDiff, noise schedule", context="noise", edits=("plain",)),
+    Method("ContextDiff, context scale 2", context_scale=2.0, edits=("plain",)),
+    Method("ContextDiff, adapter lr 1e-4", adapter_lr=1e-4, edits=("plain",)),
 )
 HELD_OUT_SEED = 2024  # training used seeds 0-1, tests 0-99 of their own
 RESULTS = Path(__file__).resolve().parent / "results"
+GUIDANCE = 5.0
 
 
 class PerFrameUNet(torch.nn.Module):
@@ -77,6 +96,7 @@ class PerFrameUNet(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
+        self.control = Control()  # never consulted: the stock processors ignore it
 
     def forward(self, sample: torch.Tensor, timestep: int, text: torch.Tensor) -> torch.Tensor:
         b, f = sample.shape[:2]
@@ -119,44 +139,54 @@ def method_model(sd: StableDiffusion, method: Method, x0, text, seed: int, tune_
     return sd, model, adapter, shift
 
 
-def edit(tuned: editing.Tuned, x_T, target: str, settings: EditSettings, follow_x0_hat: bool):
-    if follow_x0_hat or tuned.adapter is None:
-        return editing.edit_latents(tuned, x_T, target, settings)
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(tuned.sd.scheduler.config)
-    scheduler.set_timesteps(settings.steps)
-    text, uncond = tuned.sd.encode_text([target]), tuned.sd.encode_text([""])
-    fixed = tuned.adapter(tuned.x0, text)
-    predict = editing.predictor(tuned, text, uncond, settings.guidance)
-    return diffusion.sample(predict, x_T, scheduler, lambda _: fixed, tuned.x0, tuned.shift)
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(float) - b.astype(float)) ** 2))
+    return float(10 * np.log10(255**2 / max(mse, 1e-10)))
 
 
 def run_clip(sd, clip: Clip, edits, methods, seeds: list[int], tune_steps: int, steps: int) -> list[dict]:
     source_frames, _ = clip.render()
     x0 = sd.encode_frames(source_frames)
     text = sd.encode_text([clip.caption])
+    reconstruction = sd.decode_latents(x0)
     rows = []
     for method in methods:
         for seed in seeds if method.tuned else seeds[:1]:  # untuned methods ignore the seed
             started = time.perf_counter()
             method_sd, model, adapter, shift = method_model(sd, method, x0, text, seed, tune_steps)
-            tuned = editing.Tuned(None, {"settings": {"seed": seed}}, method_sd, model, adapter, shift, x0, text)
-            inverse = DDIMInverseScheduler.from_config(sd.scheduler.config)
-            inverse.set_timesteps(steps)
-            context = adapter(x0, text) if adapter is not None else None
-            with torch.no_grad():
-                x_T = diffusion.invert(editing.predictor(tuned, text), x0, inverse, context, shift)
-            settings = EditSettings(steps=steps, guidance=5.0, seed=seed)
-            for kind, index, target in edits:
-                with torch.no_grad():
-                    latents = edit(tuned, x_T, target.caption, settings, method.follow_x0_hat)
-                frames = method_sd.decode_latents(latents)
-                score = score_edit(clip, target, index, source_frames, frames)
-                labels = {"method": method.name, "kind": kind, "objects": len(clip.objects), "seed": seed}
-                rows.append(labels | asdict(score))
-            for row in rows[-len(edits) :]:
-                row["seconds"] = (time.perf_counter() - started) / len(edits)
+            tuning = time.perf_counter() - started
+            with tempfile.TemporaryDirectory() as folder:
+                run = Run(Path(folder))
+                if method.inflated:
+                    save_trained(run.tuned_path, model, adapter)
+                else:
+                    run.tuned_path.write_bytes(b"per-frame")  # names the inversion cache; nothing to load
+                record = {"settings": {"seed": seed, "prompt": clip.caption}}
+                tuned = editing.Tuned(run, record, method_sd, model, adapter, shift, x0, text)
+                for name in method.edits:
+                    settings = EditSettings(steps=steps, guidance=GUIDANCE, seed=seed, **EDITS[name])
+                    rows += edit_clip(tuned, clip, edits, settings, source_frames, reconstruction, tuning)
+                    for row in rows[-len(edits) - 1 :]:
+                        row |= {"method": method.name, "edit": name, "objects": len(clip.objects), "seed": seed}
+    return rows
+
+
+def edit_clip(tuned, clip, edits, settings, source_frames, reconstruction, tuning_seconds: float) -> list[dict]:
+    """The clip's edits and its reconstruction with one source pass; time and memory per edit."""
+    rows = []
+    with PeakMemory(tuned.sd.device) as memory:
+        started = time.perf_counter()
+        source = editing.source_pass(tuned, settings)
+        for kind, index, target in [*edits, ("reconstruction", 0, clip)]:
+            frames = tuned.sd.decode_latents(editing.edit_latents(tuned, source, target.caption, settings))
+            rows.append({"kind": kind} | asdict(score_edit(clip, target, index, source_frames, frames)))
+            if kind == "reconstruction":
+                rows[-1]["reconstruction_psnr"] = _psnr(frames, reconstruction)
+            else:
+                seconds = time.perf_counter() - started
+    for row in rows:
+        row |= {"seconds": (tuning_seconds + seconds) / len(edits), "peak_mib": memory.peak / 2**20,
+                "store_mib": store_bytes(source.store) / 2**20}  # fmt: skip
     return rows
 
 
@@ -168,74 +198,87 @@ def interval(values: list[float]) -> str:
     return f"{values.mean():.2f} ± {half:.2f}"
 
 
+@dataclass(frozen=True)
+class Column:
+    header: str
+    key: str
+    kinds: tuple[str, ...] = ("colour", "shape", "both")
+    two_objects: bool = False
+    summary: bool = False  # a plain mean, no interval (time, memory)
+
+
+COLUMNS = (
+    Column("colour drift px", "drift_mean", ("colour",)),
+    Column("colour drift p90", "drift_p90", ("colour",)),
+    Column("colour jitter px", "jitter", ("colour",)),
+    Column("shape drift px", "drift_mean", ("shape",)),
+    Column("attribute", "attribute"),
+    Column("binding (2 objects)", "binding", two_objects=True),
+    Column("exact frames", "exact"),
+    Column("colour error", "colour_error", ("colour", "both")),
+    Column("area / source", "area"),
+    Column("mask IoU (colour)", "mask_iou", ("colour",)),
+    Column("background dB", "background_psnr"),
+    Column("reconstruction drift px", "drift_mean", ("reconstruction",)),
+    Column("reconstruction dB", "reconstruction_psnr", ("reconstruction",)),
+    Column("s per edit", "seconds", ("colour",), summary=True),
+    Column("peak MiB", "peak_mib", ("colour",), summary=True),
+    Column("store MiB", "store_mib", ("colour",), summary=True),
+)
+
+
 def table(rows: list[dict], methods) -> str:
-    pick = lambda method, key, kinds=("colour", "shape", "both"): [  # noqa: E731
-        r[key] for r in rows if r["method"] == method and r["kind"] in kinds
-    ]
-    header = [
-        "method", "colour drift px", "colour drift p90", "colour jitter px", "shape drift px", "attribute",
-        "binding (2 objects)", "exact frames", "mask IoU (colour)", "background dB", "s per edit",
-    ]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method in (m.name for m in methods):
-        binding = [r["binding"] for r in rows if r["method"] == method and r["objects"] == 2]
-        cells = [
-            method,
-            interval(pick(method, "drift_mean", ("colour",))),
-            interval(pick(method, "drift_p90", ("colour",))),
-            interval(pick(method, "jitter", ("colour",))),
-            interval(pick(method, "drift_mean", ("shape",))),
-            interval(pick(method, "attribute")),
-            interval(binding),
-            interval(pick(method, "exact")),
-            interval(pick(method, "mask_iou", ("colour",))),
-            interval(pick(method, "background_psnr")),
-            f"{np.mean(pick(method, 'seconds')):.1f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = ["| method | edit | " + " | ".join(c.header for c in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+    for method in methods:
+        for edit in method.edits:
+            mine = [r for r in rows if (r["method"], r["edit"]) == (method.name, edit)]
+            cells = []
+            for c in COLUMNS:
+                values = [r[c.key] for r in mine if r["kind"] in c.kinds and (r["objects"] == 2 or not c.two_objects)]
+                cells.append(f"{np.mean(values):.1f}" if c.summary and values else interval(values))
+            lines.append(f"| {method.name} | {edit} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Bars of colour-edit drift and jitter per method with their 95% intervals (PIL, no plotting library)."""
-    metrics = (("drift_mean", "colour-edit drift (px)"), ("jitter", "colour-edit jitter (px)"))
-    width, height, margin = 900, 420, 60
+    """Bars of colour-edit drift and binding per row with their 95% intervals (PIL, no plotting library)."""
+    metrics = (("drift_mean", "colour-edit drift (px)", ("colour",)), ("binding", "binding (2 objects)", ("both",)))
+    labels = list(dict.fromkeys((r["method"], r["edit"]) for r in rows))
+    width, height, margin = 1400, 460, 110
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    colours = ["#999999", "#6f8fbf", "#d98c3f", "#3f9f5f"]
-    names = [m.name for m in METHODS]
-    panel = (width - margin) // len(metrics)
-    top = max(
-        np.mean(v) + 1.96 * np.std(v, ddof=1) / np.sqrt(len(v))
-        for key, _ in metrics
-        for m in names
-        if len(v := [r[key] for r in rows if r["method"] == m and r["kind"] == "colour"]) > 1
-    )
-    scale = (height - 2 * margin) / max(top, 1e-6)
-    for p, (key, title) in enumerate(metrics):
-        left = margin + p * panel
+    panel = (width - 40) // len(metrics)
+    for p, (key, title, kinds) in enumerate(metrics):
+        left = 20 + p * panel
+        stats = []
+        for label in labels:
+            values = [r[key] for r in rows if (r["method"], r["edit"]) == label and r["kind"] in kinds]
+            values = [v for v in values if v is not None]
+            half = 1.96 * np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+            stats.append((float(np.mean(values)) if values else 0.0, half))
+        scale = (height - margin - 40) / max(max(m + h for m, h in stats), 1e-6)
         draw.text((left, 10), title, fill="black")
-        draw.line([(left, height - margin), (left + panel - 20, height - margin)], fill="black")
-        for i, method in enumerate(names):
-            values = [r[key] for r in rows if r["method"] == method and r["kind"] == "colour"]
-            mean = float(np.mean(values))
-            half = 1.96 * np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0
-            x = left + 10 + i * (panel - 30) // len(names)
-            bar = (panel - 30) // len(names) - 10
-            draw.rectangle([x, height - margin - mean * scale, x + bar, height - margin], fill=colours[i])
+        bottom = height - margin
+        draw.line([(left, bottom), (left + panel - 20, bottom)], fill="black")
+        bar = (panel - 30) // len(labels) - 4
+        for i, ((method, edit), (mean, half)) in enumerate(zip(labels, stats, strict=True)):
+            x = left + 10 + i * (bar + 4)
+            colour = {"Tune-A-Video": "#d98c3f", "ContextDiff": "#3f9f5f"}.get(method, "#999999")
+            draw.rectangle([x, bottom - mean * scale, x + bar, bottom], fill=colour)
             mid = x + bar // 2
-            draw.line([(mid, height - margin - (mean + half) * scale), (mid, height - margin - (mean - half) * scale)],
-                      fill="black", width=2)  # fmt: skip
-            draw.text((x, height - margin + 5), method.replace(", ", ",\n").replace(" per", "\nper"), fill="black")
-            draw.text((x, height - margin - mean * scale - 14), f"{mean:.2f}", fill="black")
+            draw.line([(mid, bottom - (mean + half) * scale), (mid, bottom - (mean - half) * scale)], fill="black")
+            draw.text((x, bottom - mean * scale - 12), f"{mean:.1f}", fill="black")
+            short = {"image model per frame": "per frame", "inflated, no tuning": "no tuning"}.get(method, method)
+            draw.text((x, bottom + 4), f"{short[:10]}\n{edit[:10]}", fill="black")
     image.save(path)
 
 
 _worker_sd: StableDiffusion | None = None
 
 
-def _load_worker_model(device: str) -> None:
+def _load_worker_model(device: str, jobs: int) -> None:
     global _worker_sd
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))  # the processes share the cores
     _worker_sd = load_sd(str(toy_model()), torch.device(device), torch.float32)
 
 
@@ -256,14 +299,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="tuning seeds per clip (tuned methods)")
     parser.add_argument("--tune-steps", type=int, default=150)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps of inversion and of sampling")
-    parser.add_argument("--ablation", action="store_true", help="Tune-A-Video, ContextDiff and its variants")
+    parser.add_argument("--ablation", action="store_true", help="ContextDiff's choices against Tune-A-Video")
     parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--jobs", type=int, default=1, help="clips scored at once, each in its own process")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report")
     args = parser.parse_args()
     if args.clips < 1 or args.jobs < 1:
         parser.error("--clips and --jobs must be at least 1")
-    methods = (METHODS[2], METHODS[3], *ABLATION) if args.ablation else METHODS
+    methods = ABLATION if args.ablation else METHODS
 
     rng = np.random.default_rng(HELD_OUT_SEED)
     jobs = []
@@ -274,15 +317,15 @@ def main() -> None:
     title = "Edit quality on the shapes world" + (": ContextDiff ablation" if args.ablation else "")
     args.out.mkdir(parents=True, exist_ok=True)
     rows, started = [], time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(args.jobs, _load_worker_model, (args.device,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(args.jobs, _load_worker_model, (args.device, args.jobs)) as pool:
         for done, clip_rows in enumerate(pool.imap(_score_clip, jobs), 1):
             rows += clip_rows
             minutes = (time.perf_counter() - started) / 60
             print(f"clip {done}/{args.clips} done, {minutes:.1f} min", flush=True)
             settings = (
-                f"{done} of {args.clips} held-out clips (seed {HELD_OUT_SEED}) x 3 edits, {args.seeds} tuning "
-                f"seed(s), {args.tune_steps} tuning steps, {args.steps} DDIM steps, guidance 5, "
-                f"{machine(args.device)}, {args.jobs} process(es), {minutes:.0f} min"
+                f"{done} of {args.clips} held-out clips (seed {HELD_OUT_SEED}) x 3 edits + a reconstruction, "
+                f"{args.seeds} tuning seed(s), {args.tune_steps} tuning steps, {args.steps} DDIM steps, guidance "
+                f"{GUIDANCE:g}, {machine(args.device)}, {args.jobs} process(es), {minutes:.0f} min"
             )
             report = f"# {title}\n\n{settings}; mean ± 95% interval over clips and seeds.\n\n{table(rows, methods)}\n"
             (args.out / f"{name}.md").write_text(report)

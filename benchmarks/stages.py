@@ -24,9 +24,11 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from ctxedit import diffusion
 from ctxedit.diffusion import ShiftSchedule
+from ctxedit.editing import structure_plan
 from ctxedit.models.sd import StableDiffusion, load_sd
 from ctxedit.models.synthetic import random_sd15, write_tiny_sd
 from ctxedit.models.trained import build
+from ctxedit.settings import EditSettings
 from ctxedit.tuning import training_loss
 
 PROMPT = "a man is skiing"
@@ -111,24 +113,41 @@ def stages(sd: StableDiffusion, frames: np.ndarray, repeats: int) -> list[tuple[
 
     def inversion_step() -> None:
         with torch.no_grad():
-            r = adapter(x0, text)
-            diffusion.contextual_inverse_step(inverse, predict(x0, t_invert, text), t_invert, x0, r, shift)
+            x = shift.shifted(x0, diffusion.inversion_alphas(inverse, t_invert)[0], adapter(x0, text))
+            inverse.step(predict(x, t_invert, text), t_invert, x0)
 
     def edit_step() -> None:  # classifier-free guidance: both branches in one batch, one shared context
         with torch.no_grad():
-            r = adapter(x0, text)
-            eps = predict(torch.cat([x0, x0]), t_edit, torch.cat([uncond, text]))
-            diffusion.contextual_step(ddim, eps[:1] + 7.5 * (eps[1:] - eps[:1]), t_edit, x0, r, shift)
+            x = shift.shifted(x0, diffusion.sampling_alphas(ddim, t_edit)[0], adapter(x0, text))
+            eps = predict(torch.cat([x, x]), t_edit, torch.cat([uncond, text]))
+            ddim.step(eps[:1] + 7.5 * (eps[1:] - eps[:1]), t_edit, x0)
 
+    control = model.control
+    plan = structure_plan(EditSettings(), ddim.timesteps.tolist(), sd.unet)
+
+    def controlled(recording: bool) -> Callable[[], None]:
+        """An editing step of the source pass (recording) or of an edit (injecting), default structure settings."""
+
+        def step() -> None:
+            control.plan, control.recording, control.token_map = plan, recording, torch.arange(77, device=sd.device)
+            edit_step()
+
+        return step
+
+    controlled(True)()  # something to inject
     rows = [
         ("encode (VAE + text, once per run)", lambda: (sd.encode_frames(frames), sd.encode_text([PROMPT]))),
         ("tuning step, cached latents (ctxedit)", lambda: update(x0, text)),
         ("tuning step, re-encoding (naive)", naive_update),
         ("inversion step", inversion_step),
         ("editing step (CFG 7.5)", edit_step),
+        ("source pass step, recording (default structure settings)", controlled(True)),
+        ("editing step, injecting (default structure settings)", controlled(False)),
         ("decode (all frames, one at a time)", lambda: sd.decode_latents(x0)),
     ]
-    return [(name, *measure(fn, repeats, sd.device)) for name, fn in rows]
+    measured = [(name, *measure(fn, repeats, sd.device)) for name, fn in rows]
+    control.reset()
+    return measured
 
 
 def report(title: str, rows: list[tuple[str, float, float]], tuning_steps: int = 300) -> None:

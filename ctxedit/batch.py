@@ -233,8 +233,10 @@ def _edit_block(entry: dict, video: Path, root: Path, strip: Path | None, run_se
     files = [video, *([video.with_suffix(".gif")] if entry["gif"] else [])]
     files = " · ".join(f"[{p.suffix[1:]}]({os.path.relpath(p, root)})" for p in files)
     lines = [
-        f"**{entry['target']}** — guidance {settings['guidance']}, {settings['steps']} steps, inversion "
-        f"{settings['inversion_prompt']}, eta {settings['eta']}, seed {seed}; {entry['width']}x{entry['height']} "
+        f"**{entry['target']}** — guidance {settings['guidance']}, {settings['steps']} steps, {settings['inversion']} "
+        f"inversion ({settings['inversion_prompt']} prompt), structure {settings['keep_structure']}, words "
+        f"{settings['keep_words']}, blend {settings['blend']}, strength {settings['strength']}, eta {settings['eta']}, "
+        f"seed {seed}; {entry['width']}x{entry['height']} "
         f"at {entry['fps']:.4g} fps; {entry['seconds']:.1f} s — {files}",
         "",
     ]

@@ -206,6 +206,24 @@ def edit(
     inversion_prompt: Annotated[
         str, typer.Option(help="source (ContextDiff) | empty (Tune-A-Video).")
     ] = EditSettings.inversion_prompt,
+    inversion: Annotated[
+        str,
+        typer.Option(help="direct (the source reconstructs exactly under guidance) | plain | negative (prompt)."),
+    ] = EditSettings.inversion,
+    keep_structure: Annotated[
+        float, typer.Option(help="Fraction of the steps (the first) that take the source's features; 0: none.")
+    ] = EditSettings.keep_structure,
+    keep_words: Annotated[
+        float,
+        typer.Option(help="Fraction of the steps where words shared with the source keep its cross-attention."),
+    ] = EditSettings.keep_words,
+    blend: Annotated[
+        str,
+        typer.Option(help="auto (only the changed words' region may change) | off | words to blend, e.g. 'hat,man'."),
+    ] = EditSettings.blend,
+    strength: Annotated[
+        float, typer.Option(help="Fraction of the steps inverted and resampled; lower keeps more of the source.")
+    ] = EditSettings.strength,
     eta: Annotated[float, typer.Option(help="DDIM eta; 0 is deterministic, > 0 adds seeded noise.")] = EditSettings.eta,
     seed: Annotated[
         int | None, typer.Option(help="Seed of the eta noise. [default: the run's seed]", show_default=False)
@@ -227,7 +245,10 @@ def edit(
     json_out: JsonOpt = False,
 ) -> None:
     """Edit a tuned run towards one or more target texts; writes one MP4 per target."""
-    settings = EditSettings(steps=steps, guidance=guidance, inversion_prompt=inversion_prompt, eta=eta, seed=seed)
+    settings = EditSettings(
+        steps=steps, guidance=guidance, inversion_prompt=inversion_prompt, inversion=inversion,
+        keep_structure=keep_structure, keep_words=keep_words, blend=blend, strength=strength, eta=eta, seed=seed,
+    )  # fmt: skip
     output = OutputSettings(size=output_size, fps=fps, gif=gif, side_by_side=side_by_side, grid=grid)
     from ctxedit.editing import edit_run
     from ctxedit.runs import resolve_run

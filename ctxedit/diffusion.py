@@ -1,15 +1,16 @@
-"""Contextual DDIM: shift schedules, one sampling step, one inversion step, and the two loops.
+"""Contextual DDIM: shift schedules and the loops of inversion, source reconstruction and sampling.
 
-Notation (name in code -> ContextDiff / METHOD.md section 4-5):
+Notation (name in code -> ContextDiff / METHOD.md sections 4-5):
 - alpha_prod          -> alphā_t, `scheduler.alphas_cumprod[t]`
 - shift               -> k_t = k(alphā_t) * scale, the weight of the context on the trajectory
 - context             -> r̂, the adapter's output, shaped like the latents
-- sample / x          -> x_t, the contextual (shifted) latent
-- y                   -> y_t = x_t - k_t r̂, which follows the ordinary DDPM marginals
+- y                   -> the ordinary DDIM latent, which follows the usual DDPM marginals
+- x                   -> x_t = y_t + k_t r̂, the contextual (shifted) latent the model sees
 
-A step maps x to y, takes the stock diffusers step in y-space and shifts back. With r̂ = 0 it is
-bit-identical to the stock scheduler. The loops take the model as a plain callable
-`model(x, t) -> eps` and never see a UNet (k-diffusion style).
+The loops carry y and take the stock diffusers step on it, so the y-trajectory is exact DDIM whatever the
+context does; the context acts only through what the model sees (METHOD.md section 5, correction). With no
+context every loop is the stock scheduler's, bit for bit. The model is a plain callable `model(x, t) -> eps`;
+the loops never see a UNet (k-diffusion style).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from ctxedit.errors import UsageError
 from ctxedit.settings import CONTEXTS
 
 NOISE_SCHEDULE_C = 0.018125  # constant of the released ContextDiff video code
+
+Model = Callable[[torch.Tensor, int], torch.Tensor]
+Callback = Callable[[int, int], None]
+Guide = Callable[[int, torch.Tensor], torch.Tensor]  # (step, y after it) -> the y the loop continues from
 
 
 @dataclass(frozen=True)
@@ -58,11 +63,11 @@ class ShiftSchedule:
             k = torch.zeros_like(alpha_prod)
         return (k * self.scale).float()
 
-
-@dataclass
-class ContextualStepOutput:
-    prev_sample: torch.Tensor  # x at the next noise level of the loop
-    pred_original_sample: torch.Tensor  # x0_hat, the clean latent this step predicts
+    def shifted(self, y: torch.Tensor, alpha_prod: torch.Tensor | float, context: torch.Tensor | None) -> torch.Tensor:
+        """x = y + k(alphā) r̂: the contextual latent for the ordinary latent y."""
+        if context is None or not self.active:
+            return y
+        return y + self(alpha_prod).to(y.device, y.dtype) * context
 
 
 def _step_ratio(scheduler: DDIMScheduler | DDIMInverseScheduler) -> int:
@@ -85,66 +90,6 @@ def inversion_alphas(scheduler: DDIMInverseScheduler, t: int) -> tuple[torch.Ten
     return alpha_cur, scheduler.alphas_cumprod[t]
 
 
-def _shifted(
-    stock_step: Callable[[torch.Tensor], object],
-    sample: torch.Tensor,
-    context: torch.Tensor | None,
-    k_from: torch.Tensor,
-    k_to: torch.Tensor,
-) -> ContextualStepOutput:
-    # 1. into y-space, where the stock step is exact
-    y = sample if context is None else sample - k_from.to(sample.dtype) * context
-    # 2. the stock step
-    out = stock_step(y)
-    # 3. back into x-space at the new noise level; x0_hat needs no shift (k vanishes for clean data)
-    prev = out.prev_sample if context is None else out.prev_sample + k_to.to(sample.dtype) * context
-    return ContextualStepOutput(prev_sample=prev, pred_original_sample=out.pred_original_sample)
-
-
-def contextual_step(
-    scheduler: DDIMScheduler,
-    pred_epsilon: torch.Tensor,
-    t: int,
-    sample: torch.Tensor,
-    context: torch.Tensor | None,
-    shift: ShiftSchedule,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> ContextualStepOutput:
-    """One contextual DDIM sampling step x_t -> x_prev (METHOD.md section 5)."""
-    alpha_prod_t, alpha_prod_t_prev = sampling_alphas(scheduler, t)
-    return _shifted(
-        lambda y: scheduler.step(pred_epsilon, t, y, eta=eta, generator=generator),
-        sample,
-        context if shift.active else None,
-        shift(alpha_prod_t),
-        shift(alpha_prod_t_prev),
-    )
-
-
-def contextual_inverse_step(
-    scheduler: DDIMInverseScheduler,
-    pred_epsilon: torch.Tensor,
-    t: int,
-    sample: torch.Tensor,
-    context: torch.Tensor | None,
-    shift: ShiftSchedule,
-) -> ContextualStepOutput:
-    """One contextual DDIM inversion step x_cur -> x_next, with eps predicted at t = t_next."""
-    alpha_prod_cur, alpha_prod_next = inversion_alphas(scheduler, t)
-    return _shifted(
-        lambda y: scheduler.step(pred_epsilon, t, y),
-        sample,
-        context if shift.active else None,
-        shift(alpha_prod_cur),
-        shift(alpha_prod_next),
-    )
-
-
-Model = Callable[[torch.Tensor, int], torch.Tensor]
-Callback = Callable[[int, int], None]
-
-
 def invert(
     model: Model,
     x0: torch.Tensor,
@@ -153,36 +98,75 @@ def invert(
     shift: ShiftSchedule,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Contextual DDIM inversion of clean latents x0 with a fixed context r (Tune-A-Video's next-step rule)."""
-    x = x0
+    """Contextual DDIM inversion of clean latents x0 with a fixed context r (Tune-A-Video's next-step rule).
+
+    Returns the ordinary trajectory (steps + 1, *x0.shape), noisiest first: [y_T, ..., y_0 = x0], so that
+    entry i is where sampling step i starts. Clean latents carry no shift."""
     timesteps = scheduler.timesteps.tolist()
+    y, trajectory = x0, [x0]
     for i, t in enumerate(timesteps):
-        x = contextual_inverse_step(scheduler, model(x, t), t, x, context, shift).prev_sample
+        alpha_cur, _ = inversion_alphas(scheduler, t)
+        y = scheduler.step(model(shift.shifted(y, alpha_cur, context), t), t, y).prev_sample
+        trajectory.append(y)
         if callback:
             callback(i + 1, len(timesteps))
-    return x
+    return torch.stack(trajectory[::-1])
+
+
+def reconstruction_corrections(
+    model: Model,
+    trajectory: torch.Tensor,
+    scheduler: DDIMScheduler,
+    context_of: Callable[[torch.Tensor], torch.Tensor] | None,
+    x0_init: torch.Tensor,
+    shift: ShiftSchedule,
+    start: int = 0,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Direct inversion (Ju et al. 2023): for each sampling step from `start`, how far one step of `model` from
+    a point of the source's trajectory lands from the next point. Sampling with `model` (context as in `sample`)
+    and these added after each step reproduces the trajectory exactly, whatever the guidance; an edit gets the
+    same corrections."""
+    use_context = context_of is not None and shift.active
+    context = context_of(x0_init) if use_context else None
+    timesteps = scheduler.timesteps.tolist()[start:]
+    corrections = []
+    for i, t in enumerate(timesteps):
+        y = trajectory[start + i]
+        out = scheduler.step(model(shift.shifted(y, sampling_alphas(scheduler, t)[0], context), t), t, y)
+        corrections.append(trajectory[start + i + 1] - out.prev_sample)
+        if callback:
+            callback(i + 1, len(timesteps))
+        if use_context and i + 1 < len(timesteps):
+            context = context_of(out.pred_original_sample)
+    return torch.stack(corrections)
 
 
 def sample(
     model: Model,
-    x: torch.Tensor,
+    y: torch.Tensor,
     scheduler: DDIMScheduler,
     context_of: Callable[[torch.Tensor], torch.Tensor] | None,
     x0_init: torch.Tensor,
     shift: ShiftSchedule,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    start: int = 0,
+    guide: Guide | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Contextual DDIM sampling from x_T; the context r̂ comes from x0_init first, then from each step's x0_hat."""
+    """Contextual DDIM sampling from the ordinary latent y at step `start` (0: the noisiest) to clean latents.
+    The model sees x = y + k_t r̂, with r̂ from x0_init first, then from each step's x0_hat; `guide` may move y
+    after each step (corrections, blending)."""
     use_context = context_of is not None and shift.active
     context = context_of(x0_init) if use_context else None
-    timesteps = scheduler.timesteps.tolist()
+    timesteps = scheduler.timesteps.tolist()[start:]
     for i, t in enumerate(timesteps):
-        out = contextual_step(scheduler, model(x, t), t, x, context, shift, eta, generator)
-        x = out.prev_sample
-        if use_context and i + 1 < len(timesteps):
-            context = context_of(out.pred_original_sample)
+        x = shift.shifted(y, sampling_alphas(scheduler, t)[0], context)
+        out = scheduler.step(model(x, t), t, y, eta=eta, generator=generator)
+        y = guide(start + i, out.prev_sample) if guide else out.prev_sample
         if callback:
             callback(i + 1, len(timesteps))
-    return x
+        if use_context and i + 1 < len(timesteps):
+            context = context_of(out.pred_original_sample)
+    return y

@@ -11,14 +11,15 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ctxedit import compose, diffusion
+from ctxedit import compose, diffusion, prompts
 from ctxedit import video as videos
+from ctxedit.attention import Plan, WordMaps, attention_layers, blend_mask, layer_scale
 from ctxedit.diffusion import ShiftSchedule
 from ctxedit.errors import UsageError
 from ctxedit.files import atomic_path, refuse_overwrite, sha256_of
@@ -28,6 +29,12 @@ from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_
 from ctxedit.models.trained import build, load_trained
 from ctxedit.runs import Progress, ProgressEvent, Run, recorded_model
 from ctxedit.settings import EditSettings, OutputSettings
+
+# What the edit takes from the source, chosen by measurement on the shapes world (README, "Keeping structure"):
+FEATURE_LAYERS = ("up_blocks.1.resnets.1",)  # decoder features that carry the layout (as Plug-and-Play's)
+SELF_ATTENTION_LAYERS: tuple[str, ...] = ()  # self-attention injection moved objects more, not less
+WORD_SCALES = (2, 4)  # cross-attention layers at 1/2 and 1/4 of the latent size: shared words' maps
+MASK_SCALES = (2, 4)  # ...and the maps of the changed words, for blending
 
 
 @dataclass
@@ -92,62 +99,197 @@ def _stage(progress: Progress | None, stage: str, label: str = "") -> Callable[[
 
 
 def inversion_key(tuned: Tuned, settings: EditSettings) -> str:
-    """Everything the inverted latents depend on, hashed."""
+    """Everything the inverted trajectory depends on, hashed."""
     key = {
         "steps": settings.steps,
         "prompt": settings.inversion_prompt,
         "tuned": sha256_of(tuned.run.tuned_path),
         "runtime": [tuned.sd.device.type, str(tuned.sd.dtype)],
+        "stored": "trajectory",  # the whole ordinary trajectory, not only its end
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _schedulers(tuned: Tuned, steps: int):
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    sampler = DDIMScheduler.from_config(tuned.sd.scheduler.config)
+    inverse = DDIMInverseScheduler.from_config(tuned.sd.scheduler.config)
+    sampler.set_timesteps(steps)
+    inverse.set_timesteps(steps)
+    return sampler, inverse
+
+
+def _source_context(tuned: Tuned) -> torch.Tensor | None:
+    """The context of the source's inversion, fixed: R(x0_src, c_src)."""
+    return tuned.adapter(tuned.x0, tuned.source_text) if tuned.adapter is not None else None
+
+
+def _context_of(tuned: Tuned, text: torch.Tensor):
+    """The context while sampling towards `text`: R(x0_hat, c), None without an adapter."""
+    return (lambda x0_hat: tuned.adapter(x0_hat, text)) if tuned.adapter is not None else None
+
+
 @torch.no_grad()
 def invert_source(tuned: Tuned, settings: EditSettings, progress: Progress | None = None) -> tuple[torch.Tensor, bool]:
-    """(x_T of the source, whether it came from the cache); computed once per setting and cached."""
-    from diffusers import DDIMInverseScheduler
+    """(the source's ordinary trajectory [y_T, ..., y_0], whether it came from the cache); computed once per
+    setting and cached in the run."""
     from safetensors.torch import load_file, save_file
 
     path = tuned.run.inversion_path(inversion_key(tuned, settings))
     if path.exists():
-        return load_file(str(path), device=str(tuned.sd.device))["latents"], True
-    scheduler = DDIMInverseScheduler.from_config(tuned.sd.scheduler.config)
-    scheduler.set_timesteps(settings.steps)
+        return load_file(str(path), device=str(tuned.sd.device))["trajectory"], True
+    _, inverse = _schedulers(tuned, settings.steps)
     text = tuned.source_text if settings.inversion_prompt == "source" else tuned.sd.encode_text([""])
-    # The context of the source trajectory stays fixed: R(x0_src, c_src).
-    context = tuned.adapter(tuned.x0, tuned.source_text) if tuned.adapter is not None else None
-    latents = diffusion.invert(
-        predictor(tuned, text), tuned.x0, scheduler, context, tuned.shift, _stage(progress, "invert")
+    trajectory = diffusion.invert(
+        predictor(tuned, text), tuned.x0, inverse, _source_context(tuned), tuned.shift, _stage(progress, "invert")
     )
     with atomic_path(path) as tmp:
-        save_file({"latents": latents.contiguous().cpu()}, str(tmp))
-    return latents, False
+        save_file({"trajectory": trajectory.contiguous().cpu()}, str(tmp))
+    return trajectory, False
+
+
+@dataclass
+class SourcePass:
+    """What every edit of the source with the same settings takes from it, computed once."""
+
+    trajectory: torch.Tensor  # (steps + 1, 1, f, c, h, w): the inverted source, noisiest first
+    cached: bool  # the inversion came from the run's cache
+    corrections: torch.Tensor | None  # direct inversion: one per sampling step from settings.first_step
+    plan: Plan  # what the edit takes from the source, where and when
+    store: dict  # the source's recorded features and attention, keyed (timestep, layer)
+    word_maps: WordMaps | None  # the source's cross-attention per token, for blending masks
+
+
+def structure_plan(settings: EditSettings, timesteps: list[int], unet, source_tokens: int = 77) -> Plan:
+    """Which layers inject at which timesteps: the first `keep_structure` and `keep_words` fractions of the steps;
+    the shared words' maps are kept for the source prompt's `source_tokens` tokens."""
+    levels = len(unet.config.block_out_channels)
+    cross = tuple(name for name in attention_layers(unet, "attn2") if layer_scale(name, levels) in WORD_SCALES)
+    return Plan(
+        features=FEATURE_LAYERS,
+        self_attention=SELF_ATTENTION_LAYERS,
+        structure_steps=frozenset(timesteps[: round(settings.keep_structure * len(timesteps))]),
+        cross_attention=cross,
+        word_steps=frozenset(timesteps[: round(settings.keep_words * len(timesteps))]),
+        source_tokens=source_tokens,
+    )
+
+
+def _mask_layers(unet, latent_size: tuple[int, int]) -> tuple[str, ...]:
+    """Decoder cross-attention at 1/2 and 1/4 of the latents with maps of at least 8x8, where words are localised
+    best; a UNet without such layers (a tiny one) uses all its decoder cross-attention."""
+    levels = len(unet.config.block_out_channels)
+    decoder = [name for name in attention_layers(unet, "attn2") if name.startswith("up_blocks")]
+    scale = lambda name: layer_scale(name, levels)  # noqa: E731
+    best = [name for name in decoder if scale(name) in MASK_SCALES and min(latent_size) // scale(name) >= 8]
+    return tuple(best or decoder)
+
+
+def _uncond(tuned: Tuned, settings: EditSettings) -> torch.Tensor:
+    """The unguided branch: the source prompt for negative-prompt inversion, else the empty prompt."""
+    return tuned.source_text if settings.inversion == "negative" else tuned.sd.encode_text([""])
+
+
+@torch.no_grad()
+def source_pass(tuned: Tuned, settings: EditSettings, progress: Progress | None = None) -> SourcePass:
+    """Invert the source (or load it), then, if the settings use any, walk its trajectory once with the source
+    prompt guided like the edits: direct inversion's corrections, the records to inject, the word maps."""
+    trajectory, cached = invert_source(tuned, settings, progress)
+    sampler, _ = _schedulers(tuned, settings.steps)
+    source_tokens = len(prompts.token_ids(tuned.sd.tokenizer, tuned.record["settings"]["prompt"]))
+    plan = structure_plan(settings, sampler.timesteps.tolist(), tuned.sd.unet, source_tokens)
+    needed = settings.inversion == "direct" or plan.injects() or settings.blend != "off"
+    if not needed:
+        return SourcePass(trajectory, cached, None, Plan(), {}, None)
+    control = tuned.model.control
+    control.reset()
+    control.plan, control.recording = plan, True
+    if settings.blend != "off":
+        latent_size = tuple(tuned.x0.shape[-2:])
+        control.word_maps = WordMaps(_mask_layers(tuned.sd.unet, latent_size), latent_size)
+    try:
+        source = predictor(tuned, tuned.source_text, _uncond(tuned, settings), settings.guidance)
+        corrections = diffusion.reconstruction_corrections(
+            source, trajectory, sampler, _context_of(tuned, tuned.source_text), tuned.x0, tuned.shift,
+            settings.first_step, _stage(progress, "source"),
+        )  # fmt: skip
+        store, word_maps = control.store, control.word_maps
+    finally:
+        control.reset()
+    direct = corrections if settings.inversion == "direct" else None
+    return SourcePass(trajectory, cached, direct, plan, store, word_maps)
+
+
+def _blend_tokens(tokenizer, source: str, target: str, settings: EditSettings) -> tuple[list[int], list[int]] | None:
+    """(source, target) token positions whose region may change, or None for no blending."""
+    if settings.blend == "off":
+        return None
+    words = settings.blend_words()
+    if words:
+        in_source = [w for w in words if prompts.has_word(tokenizer, source, w)]
+        in_target = [w for w in words if prompts.has_word(tokenizer, target, w)]
+        missing = [w for w in words if w not in in_source + in_target]
+        if missing:
+            raise UsageError(f"--blend word {missing[0]!r} is in neither the source nor the target prompt")
+        return prompts.named_words(tokenizer, source, in_source), prompts.named_words(tokenizer, target, in_target)
+    alignment = prompts.align(tokenizer, source, target)
+    changed = (
+        prompts.content(tokenizer, source, alignment.changed_source),
+        prompts.content(tokenizer, target, alignment.changed_target),
+    )
+    if not any(changed):
+        return None  # nothing named changed: nothing to localise
+    return prompts.phrases(tokenizer, source, changed[0]), prompts.phrases(tokenizer, target, changed[1])
 
 
 @torch.no_grad()
 def edit_latents(
-    tuned: Tuned, inverted: torch.Tensor, target: str, settings: EditSettings, progress: Progress | None = None
+    tuned: Tuned, source: SourcePass, target: str, settings: EditSettings, progress: Progress | None = None
 ) -> torch.Tensor:
-    """Contextual DDIM sampling from the inverted source towards `target`; the context follows x0_hat."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(tuned.sd.scheduler.config)
-    scheduler.set_timesteps(settings.steps)
-    text, uncond = tuned.sd.encode_text([target]), tuned.sd.encode_text([""])
-    context_of = (lambda x0_hat: tuned.adapter(x0_hat, text)) if tuned.adapter is not None else None
+    """Contextual DDIM sampling from the inverted source towards `target`, steered by the source pass."""
+    sd, control = tuned.sd, tuned.model.control
+    sampler, _ = _schedulers(tuned, settings.steps)
+    text = sd.encode_text([target])
     seed = settings.seed if settings.seed is not None else tuned.record["settings"]["seed"]
-    generator = torch.Generator(tuned.sd.device).manual_seed(seed)
-    return diffusion.sample(
-        predictor(tuned, text, uncond, settings.guidance),
-        inverted,
-        scheduler,
-        context_of,
-        tuned.x0,
-        tuned.shift,
-        eta=settings.eta,
-        generator=generator,
-        callback=_stage(progress, "edit", target),
-    )
+    generator = torch.Generator(sd.device).manual_seed(seed)
+    source_prompt = tuned.record["settings"]["prompt"]
+    blend = _blend_tokens(sd.tokenizer, source_prompt, target, settings) if source.word_maps else None
+    # The region of the words the target replaces or drops, where the source pass saw them: fixed and reliable (a
+    # model that binds words loosely may attend elsewhere for the new ones). Only words it adds take their own.
+    source_mask = blend_mask(source.word_maps.of(blend[0])) if blend and blend[0] else None
+    start = settings.first_step
+
+    def guide(step: int, y: torch.Tensor) -> torch.Tensor:
+        if source.corrections is not None:
+            y = y + source.corrections[step - start]
+        if blend is not None:
+            mask = source_mask if source_mask is not None else blend_mask(control.word_maps.of(blend[1]))
+            anchor = source.trajectory[step + 1]
+            y = anchor + mask[None, :, None] * (y - anchor)  # outside the mask, the source as it was
+        return y
+
+    control.reset()
+    control.plan, control.store = source.plan, source.store
+    control.token_map = prompts.align(sd.tokenizer, source_prompt, target).token_map.to(sd.device)
+    if blend is not None and source_mask is None:
+        control.word_maps = WordMaps(source.word_maps.layers, source.word_maps.latent_size)
+    try:
+        return diffusion.sample(
+            predictor(tuned, text, _uncond(tuned, settings), settings.guidance),
+            source.trajectory[start],
+            sampler,
+            _context_of(tuned, text),
+            tuned.x0,
+            tuned.shift,
+            eta=settings.eta,
+            generator=generator,
+            start=start,
+            guide=guide,
+            callback=_stage(progress, "edit", target),
+        )
+    finally:
+        control.reset()
 
 
 def _output_fps(record: dict, output: OutputSettings) -> float:
@@ -202,19 +344,21 @@ def render_edits(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> list[EditResult]:
-    """Edit towards each request's target; every edit is written and recorded as soon as it is done. Requests
-    with the same inversion settings share one inversion (the first one's time includes it)."""
+    """Edit towards each request's target; every edit is written and recorded as soon as it is done. Consecutive
+    requests with the same settings share one source pass (the first one's time includes it)."""
     record = tuned.record
-    inversions: dict[tuple[int, str], tuple[torch.Tensor, bool]] = {}  # the rest of inversion_key is fixed here
+    for request in requests:  # a --blend word in neither prompt fails before any work
+        _blend_tokens(tuned.sd.tokenizer, record["settings"]["prompt"], request.target, request.settings)
+    source, source_key = None, None
     results = []
     for request in requests:
         started = time.perf_counter()
-        key = (request.settings.steps, request.settings.inversion_prompt)
-        if key not in inversions:
-            inversions[key] = invert_source(tuned, request.settings, progress)
-        inverted, cached = inversions[key]
-        inversions[key] = (inverted, True)
-        latents = edit_latents(tuned, inverted, request.target, request.settings, progress)
+        settings = request.settings
+        key = replace(settings, eta=0.0, seed=None)  # all the source pass depends on (the rest of the run is fixed)
+        if key != source_key:
+            source, source_key = source_pass(tuned, settings, progress), key
+        cached, source.cached = source.cached, True
+        latents = edit_latents(tuned, source, request.target, settings, progress)
         frames = tuned.sd.decode_latents(latents, _stage(progress, "decode", request.target))
         if output.size == "source":
             frames = videos.resize_frames(

@@ -12,6 +12,8 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # overridden by $
 CONTEXTS = ("quadratic", "prior", "noise", "off")
 CROPS = ("none", "center")
 INVERSION_PROMPTS = ("source", "empty")
+INVERSIONS = ("direct", "plain", "negative")
+BLEND_MODES = ("auto", "off")  # or the words to blend, e.g. "circle" or "man,hat"
 OUTPUT_SIZES = ("processed", "source")
 
 
@@ -73,19 +75,46 @@ class TuneSettings:
         ]
 
 
+def _fraction(flag: str, value: float, low_open: bool = False) -> None:
+    if not (math.isfinite(value) and (0 < value if low_open else 0 <= value) and value <= 1):
+        raise UsageError(f"{flag} must be a fraction in {'(0' if low_open else '[0'}, 1], got {value}")
+
+
 @dataclass(frozen=True)
 class EditSettings:
     steps: int = 50  # DDIM steps for inversion and for sampling
     guidance: float = 7.5  # ContextDiff's CFG scale; Tune-A-Video used 12.5
     inversion_prompt: str = "source"  # "empty" is Tune-A-Video's inversion
+    inversion: str = "direct"  # direct: the source reconstructs exactly under guidance (direct inversion)
+    keep_structure: float = 0.4  # first fraction of the steps that take the source's features
+    keep_words: float = 0.8  # first fraction of the steps where shared words take the source's cross-attention
+    blend: str = "auto"  # auto: outside the changed words' region the source stays; off; or words to blend
+    strength: float = 1.0  # fraction of the steps inverted and resampled; lower keeps more of the source
     eta: float = 0.0  # 0: deterministic DDIM; > 0 adds seeded noise
     seed: int | None = None  # None: the run's tuning seed
 
     def __post_init__(self) -> None:
         _choice("--inversion-prompt", self.inversion_prompt, INVERSION_PROMPTS)
+        _choice("--inversion", self.inversion, INVERSIONS)
         _at_least("--steps", self.steps, 1)
         _at_least("--guidance", self.guidance, 0)
         _at_least("--eta", self.eta, 0)
+        _fraction("--keep-structure", self.keep_structure)
+        _fraction("--keep-words", self.keep_words)
+        _fraction("--strength", self.strength, low_open=True)
+        if not self.blend_words() and self.blend not in BLEND_MODES:
+            raise UsageError(f"--blend takes auto, off or words (e.g. 'circle' or 'man,hat'), got {self.blend!r}")
+
+    def blend_words(self) -> list[str]:
+        """The words --blend names, or [] for auto and off."""
+        if self.blend in BLEND_MODES:
+            return []
+        return [word for word in self.blend.replace(",", " ").split() if word]
+
+    @property
+    def first_step(self) -> int:
+        """Index of the first sampling step: partial inversion (--strength) skips the noisiest ones."""
+        return self.steps - max(1, round(self.strength * self.steps))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from ctxedit import video
 from ctxedit.cli import app
+from ctxedit.settings import EditSettings
 
 runner = CliRunner()
 FAST = ["--frames", "4", "--stride", "3", "--size", "40", "--steps", "2", "--device", "cpu"]
@@ -88,7 +89,20 @@ def test_tune_then_edit(skiing, tiny_model, tmp_path):
         "a cat",
     ]
     assert record["edits"][0]["settings"]["guidance"] == 7.5
+    assert record["edits"][0]["settings"] | {"seed": 0} == EditSettings(steps=3, seed=0).to_dict()
     assert "a man is skiing" in succeeds("info").stdout
+
+    bad = (
+        ("--keep-structure", "1.5", "--keep-structure must be a fraction in [0, 1], got 1.5"),
+        ("--keep-words", "-0.1", "--keep-words must be a fraction in [0, 1]"),
+        ("--strength", "0", "--strength must be a fraction in (0, 1], got 0.0"),
+        ("--inversion", "null-text", "unknown --inversion 'null-text'; choose one of direct, plain, negative"),
+        ("--blend", ",", "--blend takes auto, off or words"),
+    )
+    for flag, value, match in bad:
+        fails("edit", "--target", "a dog", flag, value, match=match, code=2)
+    fails("edit", "--target", "a dog", "--blend", "hat", match="--blend word 'hat' is in neither", code=2)
+    assert len(json.loads((tmp_path / "runs/man-skiing/run.json").read_text())["edits"]) == 4
 
 
 def test_any_aspect_ratio_odd_sizes_and_no_audio(tiny_model, tmp_path):

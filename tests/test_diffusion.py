@@ -7,6 +7,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from ctxedit import diffusion
 from ctxedit.diffusion import ShiftSchedule
 from ctxedit.errors import UsageError
+from ctxedit.models.adapter import AdapterConfig, ContextAdapter
 
 SCHEDULES = ["quadratic", "prior", "noise"]
 
@@ -44,74 +45,115 @@ def test_shift_schedules_follow_their_formulas():
         ShiftSchedule("linear")
 
 
-@pytest.mark.parametrize("kind", SCHEDULES)
-def test_step_with_zero_context_is_bit_identical_to_stock(kind):
+def stock_loops(scheduler: DDIMScheduler, model, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_T, x_0) of the stock diffusers inversion and sampling loops."""
+    inverse, x = inverse_of(scheduler), x0
+    for t in inverse.timesteps.tolist():
+        x = inverse.step(model(x, t), t, x).prev_sample
+    x_T = x
+    for t in scheduler.timesteps.tolist():
+        x = scheduler.step(model(x, t), t, x).prev_sample
+    return x_T, x
+
+
+def random_adapter(seed: int = 0) -> ContextAdapter:
+    """A context adapter with a trained-looking (non-zero) head: its context depends on the latents and text."""
+    torch.manual_seed(seed)
+    adapter = ContextAdapter(AdapterConfig(text_dim=32)).eval().requires_grad_(False)
+    with torch.no_grad():
+        torch.nn.init.normal_(adapter.head.weight, std=0.05)
+    return adapter
+
+
+@pytest.mark.parametrize("context", ["none", "zero"])
+def test_loops_without_context_are_the_stock_loops_bit_for_bit(context):
     scheduler = sd_scheduler()
-    sample, eps, _ = tensors()
-    for t in scheduler.timesteps.tolist():
-        stock = scheduler.step(eps, t, sample)
-        ours = diffusion.contextual_step(scheduler, eps, t, sample, torch.zeros_like(sample), ShiftSchedule(kind))
-        assert torch.equal(ours.prev_sample, stock.prev_sample)
-        assert torch.equal(ours.pred_original_sample, stock.pred_original_sample)
+    x0, _, _ = tensors()
+    model = lambda x, t: torch.tanh(x) + t / 1000  # noqa: E731 - depends on x and t
+    r = torch.zeros_like(x0) if context == "zero" else None
+    shift = ShiftSchedule("quadratic")
+    trajectory = diffusion.invert(model, x0, inverse_of(scheduler), r, shift)
+    back = diffusion.sample(model, trajectory[0], scheduler, None if r is None else (lambda _: r), x0, shift)
+    stock_T, stock_0 = stock_loops(scheduler, model, x0)
+    assert torch.equal(trajectory[0], stock_T) and torch.equal(trajectory[-1], x0)
+    assert torch.equal(back, stock_0)
 
 
 @pytest.mark.parametrize("kind", SCHEDULES)
-def test_inverse_step_with_zero_context_is_bit_identical_to_stock(kind):
-    inverse = inverse_of(sd_scheduler())
-    sample, eps, _ = tensors()
-    for t in inverse.timesteps.tolist():
-        stock = inverse.step(eps, t, sample)
-        ours = diffusion.contextual_inverse_step(inverse, eps, t, sample, torch.zeros_like(sample), ShiftSchedule(kind))
-        assert torch.equal(ours.prev_sample, stock.prev_sample)
-
-
-@pytest.mark.parametrize("kind", SCHEDULES)
-def test_step_with_context_matches_closed_form(kind):
+def test_loops_with_a_fixed_context_follow_the_closed_forms(kind):
+    """METHOD.md section 5 in x-space, in float64: with r fixed, carrying y is carrying x (clean ends unshifted)."""
     scheduler, shift = sd_scheduler(), ShiftSchedule(kind, 1.5)
-    x, eps, r = tensors(1)
+    inverse = inverse_of(scheduler)
+    x0, eps, r = (t.double() for t in tensors(1))
+    model = lambda x, t: eps  # noqa: E731
     ac = scheduler.alphas_cumprod.double()
-    for t in scheduler.timesteps.tolist():
-        a_t = ac[t]
-        a_prev = ac[t - 100] if t >= 100 else scheduler.final_alpha_cumprod.double()
-        k_t, k_prev = shift(a_t).double(), shift(a_prev).double()
-        x0_hat = (x.double() - k_t * r - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        expected = a_prev.sqrt() * x0_hat + k_prev * r + (1 - a_prev).sqrt() * eps
-        out = diffusion.contextual_step(scheduler, eps, t, x, r, shift)
-        torch.testing.assert_close(out.prev_sample.double(), expected, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out.pred_original_sample.double(), x0_hat, atol=1e-4, rtol=1e-5)
-
-
-@pytest.mark.parametrize("kind", SCHEDULES)
-def test_inverse_step_with_context_matches_closed_form(kind):
-    inverse, shift = inverse_of(sd_scheduler()), ShiftSchedule(kind, 1.5)
-    x, eps, r = tensors(2)
-    ac = inverse.alphas_cumprod.double()
+    first, final = inverse.initial_alpha_cumprod.double(), scheduler.final_alpha_cumprod.double()
+    x = x0 + shift(first).double() * r
     for t in inverse.timesteps.tolist():
-        a_cur = ac[t - 100] if t >= 100 else inverse.initial_alpha_cumprod.double()
-        a_next = ac[t]
-        k_cur, k_next = shift(a_cur).double(), shift(a_next).double()
-        y = x.double() - k_cur * r
+        a_cur, a_next = (ac[t - 100] if t >= 100 else first), ac[t]
+        y = x - shift(a_cur).double() * r
         y_next = a_next.sqrt() * (y - (1 - a_cur).sqrt() * eps) / a_cur.sqrt() + (1 - a_next).sqrt() * eps
-        out = diffusion.contextual_inverse_step(inverse, eps, t, x, r, shift)
-        torch.testing.assert_close(out.prev_sample.double(), y_next + k_next * r, atol=1e-5, rtol=1e-5)
+        x = y_next + shift(a_next).double() * r
+    trajectory = diffusion.invert(model, x0, inverse, r, shift)
+    torch.testing.assert_close(shift.shifted(trajectory[0], ac[901], r), x, atol=1e-6, rtol=1e-6)
+    for t in scheduler.timesteps.tolist():
+        a_t, a_prev = ac[t], (ac[t - 100] if t >= 100 else final)
+        x0_hat = (x - shift(a_t).double() * r - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x = a_prev.sqrt() * x0_hat + shift(a_prev).double() * r + (1 - a_prev).sqrt() * eps
+    back = diffusion.sample(model, trajectory[0], scheduler, lambda _: r, x0, shift)
+    torch.testing.assert_close(back, x - shift(final).double() * r, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", SCHEDULES)
-def test_inversion_then_sampling_reproduces_x0(kind):
-    scheduler = sd_scheduler(25)
-    x0, eps, r = tensors(3)
+def test_round_trip_is_exact_with_a_real_adapter_whose_context_follows_x0_hat(kind):
+    """Inversion with R(x0, c) and sampling with R(x0_hat, c): the context changes at every step, the
+    y-trajectory does not care. (A constant context would hide a sampler that carries x.)"""
+    scheduler, shift, adapter = sd_scheduler(25), ShiftSchedule(kind, 2.0), random_adapter()
+    x0, eps, _ = tensors(3)
+    text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(4))
     model = lambda x, t: eps  # noqa: E731 - a constant-eps model makes DDIM exactly invertible
-    shift = ShiftSchedule(kind, 2.0)
-    x_T = diffusion.invert(model, x0, inverse_of(scheduler), r, shift)
-    assert (x_T - x0).abs().max() > 1  # it really went somewhere
-    back = diffusion.sample(model, x_T, scheduler, lambda _: r, x0, shift)
-    assert (back - x0).abs().max() < 1e-4
+    seen = []
+    with torch.no_grad():
+        r = adapter(x0, text)
+        assert r.square().mean().sqrt() > 0.3  # a real, sizeable context
+        trajectory = diffusion.invert(model, x0, inverse_of(scheduler), r, shift)
+        context_of = lambda x0_hat: seen.append(x0_hat) or adapter(x0_hat, text)  # noqa: E731
+        back = diffusion.sample(model, trajectory[0], scheduler, context_of, x0, shift)
+    assert (trajectory[0] - x0).abs().max() > 1  # it really went somewhere
+    assert len(seen) == 25 and (adapter(seen[1], text) - r).abs().max() > 1e-2  # the context moved
+    assert (back - x0).abs().max() < 2e-5
+
+
+def test_reconstruction_corrections_make_any_model_reproduce_the_trajectory():
+    """Direct inversion: a model that cannot invert exactly (it depends on x, and is guided) is pulled back
+    onto the source trajectory at every step, and from a later start too (partial inversion)."""
+    scheduler, shift, adapter = sd_scheduler(), ShiftSchedule("quadratic"), random_adapter(1)
+    x0, eps, r = tensors(5)
+    text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(6))
+    context_of = lambda x0_hat: adapter(x0_hat, text)  # noqa: E731 - the context follows x0_hat, as when editing
+    source = lambda x, t: eps  # noqa: E731
+    guided = lambda x, t: eps + 7.5 * torch.tanh(x)  # noqa: E731
+    trajectory = diffusion.invert(source, x0, inverse_of(scheduler), r, shift)
+    for start in (0, 4):
+        corrections = diffusion.reconstruction_corrections(guided, trajectory, scheduler, context_of, x0, shift, start)
+        assert corrections.shape == (10 - start, *x0.shape) and corrections.abs().max() > 0.1
+        visited = []
+
+        def guide(step, y, corrections=corrections, start=start, visited=visited):
+            visited.append(step)
+            return y + corrections[step - start]
+
+        back = diffusion.sample(guided, trajectory[start], scheduler, context_of, x0, shift, start=start, guide=guide)
+        assert visited == list(range(start, 10))
+        assert (back - x0).abs().max() < 1e-5
+    unguided = diffusion.sample(guided, trajectory[0], scheduler, context_of, x0, shift)
+    assert (unguided - x0).abs().max() > 0.1
 
 
 def test_context_changes_the_trajectory_and_eta_noise_is_seeded():
     scheduler = sd_scheduler(5)
     x0, eps, r = tensors(4)
-    model = lambda x, t: eps  # noqa: E731
+    model = lambda x, t: eps + 0.1 * x  # noqa: E731 - the context acts through what the model sees
     plain = diffusion.sample(model, x0, scheduler, None, x0, ShiftSchedule())
     shifted = diffusion.sample(model, x0, scheduler, lambda _: r, x0, ShiftSchedule())
     assert (plain - shifted).abs().max() > 1e-3

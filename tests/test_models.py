@@ -5,9 +5,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from ctxedit.attention import SelfAttention
 from ctxedit.errors import UsageError
 from ctxedit.models.adapter import AdapterConfig, ContextAdapter
-from ctxedit.models.inflate import SparseCausalAttnProcessor, VideoUNet
+from ctxedit.models.inflate import VideoUNet
 from ctxedit.models.synthetic import SD15_UNET
 
 
@@ -69,12 +70,12 @@ def test_trainable_set_is_tune_a_video_s(unet):
     assert any("attn_temp" in n for n in names) and any("attn2.to_q" in n for n in names)
 
 
-def test_a_replaced_sparse_causal_processor_is_refused(unet):
+def test_a_replaced_ctxedit_processor_is_refused(unet):
     model = VideoUNet(unet)
-    assert all(isinstance(b.attn1.processor, SparseCausalAttnProcessor) for b in model.transformer_blocks())
+    assert all(isinstance(b.attn1.processor, SelfAttention) for b in model.transformer_blocks())
     unet.set_attn_processor(AttnProcessor2_0())
     latents, text = inputs(2)
-    with pytest.raises(RuntimeError, match="sparse-causal"):
+    with pytest.raises(RuntimeError, match="ctxedit attention processor was replaced"):
         model(latents, 10, text)
 
 

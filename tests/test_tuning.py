@@ -23,8 +23,8 @@ def tune(video, model, root, **overrides) -> Run:
 
 def edit(run: Run, settings: EditSettings = EDIT, target: str = "a man is skiing on the moon"):
     tuned = editing.load_tuned(run, device="cpu")
-    inverted, _ = editing.invert_source(tuned, settings)
-    return inverted, editing.edit_latents(tuned, inverted, target, settings)
+    source = editing.source_pass(tuned, settings)
+    return source.trajectory, editing.edit_latents(tuned, source, target, settings)
 
 
 def unet_weights(run: Run) -> dict[str, torch.Tensor]:
@@ -62,12 +62,13 @@ def test_edit_after_reload_equals_edit_in_memory(skiing, tiny_model, tmp_path):
     with torch.no_grad():
         for p in tuned.model.trainable_parameters().values():
             p.add_(0.01)
-    changed = editing.edit_latents(tuned, tuned.x0, "spider man", EDIT)
+    source = editing.source_pass(editing.load_tuned(run, device="cpu"), EDIT)
+    changed = editing.edit_latents(tuned, source, "spider man", EDIT)
     from ctxedit.models.trained import load_trained
 
     load_trained(run.tuned_path, tuned.model, tuned.adapter)
-    restored = editing.edit_latents(tuned, tuned.x0, "spider man", EDIT)
-    fresh = editing.edit_latents(editing.load_tuned(run, device="cpu"), tuned.x0, "spider man", EDIT)
+    restored = editing.edit_latents(tuned, source, "spider man", EDIT)
+    fresh = editing.edit_latents(editing.load_tuned(run, device="cpu"), source, "spider man", EDIT)
     assert torch.equal(restored, fresh) and not torch.equal(changed, fresh)
 
 

@@ -2,74 +2,22 @@
 
 Frames are folded into the batch: the UNet sees (b*f, c, h, w), so convolutions and GroupNorms stay
 exactly SD per frame. Two things change, both by composition rather than by copied model code:
-- every `attn1` gets a sparse-causal attention processor (frame i attends to frames 0 and i-1);
+- every attention layer gets a processor of `ctxedit.attention`: sparse-causal self-attention (frame i
+  attends to frames 0 and i-1), and the control of attention and features that editing uses;
 - every transformer block gets a zero-initialized temporal attention `attn_temp`, applied to the
   block's output by a forward hook, so the inflated UNet equals the image UNet at init.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from ctxedit.attention import Control, CrossAttention, FrameLayout, SelfAttention, install, multihead_attention
+
 TRAINABLE = ("attn1.to_q", "attn2.to_q", "attn_temp")  # Tune-A-Video's trainable set
-
-
-@dataclass
-class FrameLayout:
-    """Shared by the processors and hooks of one inflated UNet; set by `VideoUNet.forward`."""
-
-    num_frames: int = 1
-    xformers: bool = False
-
-
-def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, xformers: bool) -> torch.Tensor:
-    """Attention of (b, n, c) queries over (b, m, c) keys/values, split into `heads`; returns (b, n, c)."""
-    b, n, c = q.shape
-    q, k, v = (x.reshape(b, -1, heads, c // heads) for x in (q, k, v))  # (b, n, heads, d)
-    if xformers:
-        import xformers.ops
-
-        out = xformers.ops.memory_efficient_attention(q, k, v)
-    else:
-        out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
-    return out.reshape(b, n, c)
-
-
-class SparseCausalAttnProcessor:
-    """Self-attention where queries of frame i see the tokens of frame 0 and frame i-1."""
-
-    def __init__(self, layout: FrameLayout):
-        self.layout = layout
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        frames = self.layout.num_frames
-        bf, n, c = hidden_states.shape  # (b*f, hw, c)
-        query = attn.to_q(hidden_states)
-        key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
-        # Frame 0 attends to itself twice, which leaves SD's output unchanged.
-        previous = (torch.arange(frames, device=hidden_states.device) - 1).clamp(min=0)
-
-        def sparse_causal(x: torch.Tensor) -> torch.Tensor:
-            x = x.view(bf // frames, frames, n, -1)  # (b, f, hw, c)
-            first = x[:, :1].expand(-1, frames, -1, -1)
-            return torch.cat([first, x[:, previous]], dim=2).flatten(0, 1)  # (b*f, 2hw, c)
-
-        out = multihead_attention(query, sparse_causal(key), sparse_causal(value), attn.heads, self.layout.xformers)
-        return attn.to_out[1](attn.to_out[0](out))
 
 
 class TemporalAttention(nn.Module):
@@ -108,8 +56,9 @@ class VideoUNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.layout = FrameLayout()
+        self.control = Control()  # off: the stock computation
+        install(unet, self.layout, self.control)
         for block in self.transformer_blocks():
-            block.attn1.set_processor(SparseCausalAttnProcessor(self.layout))
             block.attn_temp = TemporalAttention(block.attn1.query_dim, block.attn1.heads, self.layout)
             block.register_forward_hook(_after_block)
 
@@ -121,18 +70,15 @@ class VideoUNet(nn.Module):
         return {n: p for n, p in self.unet.named_parameters() if any(key in n for key in TRAINABLE)}
 
     def use_xformers(self, enabled: bool) -> None:
-        """Route our attention and the stock cross-attention through xformers; keeps the sparse-causal processors."""
-        from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
-
+        """Route every attention through xformers (where no map is needed); keeps ctxedit's processors."""
         self.layout.xformers = enabled
-        for block in self.transformer_blocks():
-            block.attn2.set_processor(XFormersAttnProcessor() if enabled else AttnProcessor2_0())
 
     def _check_inflated(self) -> None:
         for block in self.transformer_blocks():
-            if not isinstance(block.attn1.processor, SparseCausalAttnProcessor):
+            processors = (block.attn1.processor, block.attn2.processor)
+            if not (isinstance(processors[0], SelfAttention) and isinstance(processors[1], CrossAttention)):
                 raise RuntimeError(
-                    "a sparse-causal attention processor was replaced (set_attn_processor, "
+                    "a ctxedit attention processor was replaced (set_attn_processor, "
                     "set_default_attn_processor or enable_xformers_memory_efficient_attention on the inner UNet); "
                     "use VideoUNet.use_xformers instead"
                 )
@@ -143,6 +89,7 @@ class VideoUNet(nn.Module):
         self._check_inflated()
         b, f = sample.shape[:2]
         self.layout.num_frames = f
+        self.control.timestep = int(timestep)
         text = encoder_hidden_states.repeat_interleave(f, dim=0)  # (b*f, tokens, dim)
         eps = self.unet(sample.flatten(0, 1), timestep, text).sample  # (b*f, c, h, w)
         return eps.unflatten(0, (b, f))

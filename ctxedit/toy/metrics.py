@@ -6,7 +6,9 @@ An edit asks one object of the source clip to change colour and/or shape. Measur
 - exact: fraction of frames showing exactly the target's objects, counted (no leftover, duplicate or extra);
 - drift: distance of the edited object's centroid from the source trajectory (mean and p90, px);
 - jitter: frame-to-frame motion of the edited object minus the source's motion (mean, px);
-- mask IoU of the edited object against the source object; background PSNR outside all objects.
+- mask IoU of the edited object against the source object; background PSNR outside all objects;
+- colour error: RGB distance of the edited object's median colour from the target colour (mean over frames);
+- area: the edited object's area over the source object's (mean over frames; 1 is the source's size).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctxedit.toy.detect import Detection, detect, shows
-from ctxedit.toy.world import Clip
+from ctxedit.toy.world import COLOURS, Clip
 
 
 @dataclass
@@ -29,6 +31,8 @@ class EditScore:
     jitter: float
     mask_iou: float
     background_psnr: float
+    colour_error: float
+    area: float
 
 
 def _nearest(detections: list[Detection], point: tuple[float, float]) -> Detection | None:
@@ -44,7 +48,7 @@ def score_edit(source: Clip, target: Clip, index: int, source_frames: np.ndarray
     """Score `frames`, an edit of `source` towards `target` (which differs in object `index` only)."""
     wanted = target.objects[index]
     _, source_masks = source.render()
-    attribute, binding, exact, drift, centres, ious = [], [], [], [], [], []
+    attribute, binding, exact, drift, centres, ious, colour_errors, areas = [], [], [], [], [], [], [], []
     for f, frame in enumerate(frames):
         detections = detect(frame)
         truth = source.objects[index].centre(f)
@@ -61,6 +65,9 @@ def score_edit(source: Clip, target: Clip, index: int, source_frames: np.ndarray
             centres.append(edited.centroid)
             union = (edited.mask | source_masks[f, index]).sum()
             ious.append(float((edited.mask & source_masks[f, index]).sum() / max(1, union)))
+            median = np.median(frame[edited.mask].astype(float), axis=0)
+            colour_errors.append(float(np.linalg.norm(median - np.array(COLOURS[wanted.colour]))))
+            areas.append(float(edited.mask.sum() / max(1, source_masks[f, index].sum())))
         others = [o for i, o in enumerate(source.objects) if i != index]
         kept = [_nearest(detections, o.centre(f)) for o in others]
         pairs = zip(kept, others, strict=True)
@@ -79,4 +86,6 @@ def score_edit(source: Clip, target: Clip, index: int, source_frames: np.ndarray
         jitter=float(jitter.mean()) if len(jitter) else 0.0,
         mask_iou=float(np.mean(ious)),
         background_psnr=_psnr(frames[outside], source_frames[outside]),
+        colour_error=float(np.mean(colour_errors)) if colour_errors else float(np.hypot(255, 255)),
+        area=float(np.mean(areas)) if areas else 0.0,
     )

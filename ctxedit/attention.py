@@ -1,0 +1,260 @@
+"""Attention and feature control of the video UNet: the one owner of its attention processors and feature hooks.
+
+- `SelfAttention` on every `attn1`: sparse-causal attention (frame i attends to frames 0 and i-1, Tune-A-Video).
+- `CrossAttention` on every `attn2`: attention of the image tokens over the text tokens.
+- a forward hook on chosen decoder resnets: their output features.
+
+What they do beyond the stock computation lives in one plain object, `Control`, which they ask by (layer,
+current timestep). Off (the default), every processor is the stock computation, bit for bit. Recording (the
+source's pass) puts features, self-attention queries and keys and cross-attention maps into `Control.store`,
+keyed (timestep, layer); injecting (the edit) takes them back in place of the edit's own, for the first part of
+the steps (Plug-and-Play features and self-attention, Prompt-to-Prompt cross-attention of the shared words).
+Either way the cross-attention maps of chosen words can be summed up for local blending (`WordMaps`).
+Frames are folded into the batch, (b*f, tokens, c); in a guided call the conditional branch is the last one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+BLEND_THRESHOLD = 0.3  # of a word region's peak (P2P's local blending)
+BLEND_DILATION = 1  # latent pixels added around the region
+
+
+@dataclass
+class FrameLayout:
+    """Shared by the processors and hooks of one inflated UNet; set by `VideoUNet.forward`."""
+
+    num_frames: int = 1
+    xformers: bool = False
+
+
+def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, xformers: bool) -> torch.Tensor:
+    """Attention of (b, n, c) queries over (b, m, c) keys/values, split into `heads`; returns (b, n, c)."""
+    b, n, c = q.shape
+    q, k, v = (x.reshape(b, -1, heads, c // heads) for x in (q, k, v))  # (b, n, heads, d)
+    if xformers:
+        import xformers.ops
+
+        out = xformers.ops.memory_efficient_attention(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    return out.reshape(b, n, c)
+
+
+def attention_maps(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) of (b, n, c) queries over (b, m, c) keys: (b, heads, n, m), in float32."""
+    b, n, c = q.shape
+    q, k = (x.reshape(b, -1, heads, c // heads).transpose(1, 2).float() for x in (q, k))  # (b, heads, n, d)
+    return (q @ k.transpose(-1, -2) * (c // heads) ** -0.5).softmax(-1)
+
+
+def apply_maps(maps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(b, heads, n, m) maps over (b, m, c) values -> (b, n, c)."""
+    b, heads, n, m = maps.shape
+    v = v.reshape(b, m, heads, -1).transpose(1, 2)  # (b, heads, m, d)
+    return (maps.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, -1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an edit takes from the source, where and when. Layers are module names relative to the UNet."""
+
+    features: tuple[str, ...] = ()  # resnets whose output features are the source's (Plug-and-Play)
+    self_attention: tuple[str, ...] = ()  # attn1 layers whose queries and keys are the source's (Plug-and-Play)
+    structure_steps: frozenset[int] = frozenset()  # timesteps at which the two above apply
+    cross_attention: tuple[str, ...] = ()  # attn2 layers where shared words take the source's maps (P2P)
+    word_steps: frozenset[int] = frozenset()  # timesteps at which the one above applies
+    source_tokens: int = 77  # the source prompt's tokens up to its end token: only their maps are kept
+
+    def injects(self) -> bool:
+        return bool((self.features or self.self_attention) and self.structure_steps) or bool(
+            self.cross_attention and self.word_steps
+        )
+
+
+@dataclass
+class WordMaps:
+    """Cross-attention per text token, summed over heads, steps and `layers`, per frame of the conditional branch,
+    at the latents' size: (f, tokens, h, w). Maps of coarser layers are upsampled to it."""
+
+    layers: tuple[str, ...]
+    latent_size: tuple[int, int]
+    total: torch.Tensor | None = None
+
+    def add(self, maps: torch.Tensor, frames: int) -> None:
+        """Add the (b*f, heads, n, tokens) maps of one layer."""
+        h, w = self.latent_size
+        scale = round((h * w / maps.shape[2]) ** 0.5)
+        words = maps[-frames:].sum(1).transpose(1, 2)  # (f, tokens, n)
+        words = words.reshape(frames, -1, h // scale, w // scale)
+        words = F.interpolate(words, size=(h, w), mode="bilinear", align_corners=False)  # (f, tokens, h, w)
+        self.total = words if self.total is None else self.total + words
+
+    def of(self, tokens: list[int]) -> torch.Tensor:
+        """The summed maps of `tokens`: (f, h, w); zeros for no token."""
+        if self.total is None:
+            raise RuntimeError("no cross-attention was recorded: the UNet ran no layer of WordMaps.layers")
+        return self.total[:, tokens].sum(1)
+
+
+def blend_mask(maps: torch.Tensor, threshold: float = BLEND_THRESHOLD, dilation: int = BLEND_DILATION) -> torch.Tensor:
+    """Local blending's mask (f, h, w), 1 where the edit may differ from the source, from summed word maps (f, h, w):
+    where they rise above their border's median (word maps are diffuse: what counts is how far above the
+    background level), smoothed, over `threshold` of the frame's peak, dilated by `dilation` latent pixels."""
+    border = torch.cat([maps[:, 0], maps[:, -1], maps[:, :, 0], maps[:, :, -1]], dim=1)  # (f, 2h + 2w)
+    lifted = (maps - border.median(dim=1).values[:, None, None]).clamp(min=0)[:, None]  # (f, 1, h, w)
+    lifted = F.avg_pool2d(lifted, 3, stride=1, padding=1, count_include_pad=False)
+    peak = lifted.amax(dim=(2, 3), keepdim=True)
+    mask = ((lifted > threshold * peak) & (peak > 0)).float()
+    return F.max_pool2d(mask, 2 * dilation + 1, stride=1, padding=dilation)[:, 0]
+
+
+def store_bytes(store: dict[tuple[int, str], torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in store.values())
+
+
+def layer_scale(name: str, levels: int) -> int:
+    """How many times smaller than the latents a layer of an SD-style UNet works, from its name."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        return 2 ** int(parts[1])
+    if parts[0] == "up_blocks":
+        return 2 ** (levels - 1 - int(parts[1]))
+    return 2 ** (levels - 1)  # mid_block
+
+
+def attention_layers(unet: torch.nn.Module, kind: str) -> list[str]:
+    """Names of the UNet's `attn1` or `attn2` layers, in order."""
+    return [name for name, _ in unet.named_modules() if name.endswith("." + kind)]
+
+
+@dataclass
+class Control:
+    """The behaviour of one video UNet's processors and hooks; off unless `plan` or `word_maps` say otherwise."""
+
+    plan: Plan = field(default_factory=Plan)
+    recording: bool = False  # True: record the source; False: inject what was recorded
+    store: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    store_dtype: torch.dtype = torch.float16  # records are kept at half precision: enough to steer structure
+    store_device: torch.device | None = None  # None: where they were computed; "cpu" to offload
+    token_map: torch.Tensor | None = None  # per target token, the source token whose map it takes, -1: its own
+    word_maps: WordMaps | None = None
+    timestep: int | None = None  # set by VideoUNet.forward
+
+    def reset(self) -> None:
+        """Back to off: nothing recorded, injected or summed."""
+        self.plan, self.recording, self.store, self.token_map, self.word_maps = Plan(), False, {}, None, None
+
+    def _exchange(self, layer: str, value: torch.Tensor) -> torch.Tensor:
+        """Record `value` under (timestep, layer), or return the recorded one in its place."""
+        key = (self.timestep, layer)
+        if self.recording:
+            self.store[key] = value.detach().to(self.store_device or value.device, self.store_dtype)
+            return value
+        source = self.store[key].to(value.device, value.dtype)
+        if source.shape[0] != value.shape[0]:  # recorded without guidance: the same for both branches
+            source = source.repeat(value.shape[0] // source.shape[0], *[1] * (source.dim() - 1))
+        return source
+
+    def features(self, layer: str, hidden: torch.Tensor) -> torch.Tensor:
+        if layer in self.plan.features and self.timestep in self.plan.structure_steps:
+            return self._exchange(layer, hidden)
+        return hidden
+
+    def queries_keys(self, layer: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = self.plan
+        if layer in plan.self_attention and self.timestep in plan.structure_steps:
+            return self._exchange(layer + ".q", q), self._exchange(layer + ".k", k)
+        return q, k
+
+    def wants_maps(self, layer: str) -> bool:
+        shared = layer in self.plan.cross_attention and self.timestep in self.plan.word_steps
+        return shared or (self.word_maps is not None and layer in self.word_maps.layers)
+
+    def cross_attention(self, layer: str, maps: torch.Tensor, frames: int) -> torch.Tensor:
+        """(b*f, heads, n, tokens) maps of the edit -> the maps to use; the conditional branch may take the
+        source's maps for the tokens the two prompts share."""
+        if self.word_maps is not None and layer in self.word_maps.layers:
+            self.word_maps.add(maps.float(), frames)
+        if layer not in self.plan.cross_attention or self.timestep not in self.plan.word_steps:
+            return maps
+        cond = maps[-frames:]
+        source = self._exchange(layer, cond[..., : self.plan.source_tokens])
+        if self.recording:
+            return maps
+        shared = (self.token_map >= 0) & (self.token_map < self.plan.source_tokens)
+        cond = cond.clone()
+        cond[..., shared] = source[..., self.token_map[shared]]
+        return torch.cat([maps[:-frames], cond])
+
+
+class SelfAttention:
+    """Sparse-causal self-attention (queries of frame i see the tokens of frames 0 and i-1), under `control`."""
+
+    def __init__(self, layer: str, layout: FrameLayout, control: Control):
+        self.layer, self.layout, self.control = layer, layout, control
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        frames = self.layout.num_frames
+        bf, n, c = hidden_states.shape  # (b*f, hw, c)
+        query, key = self.control.queries_keys(self.layer, attn.to_q(hidden_states), attn.to_k(hidden_states))
+        value = attn.to_v(hidden_states)
+        # Frame 0 attends to itself twice, which leaves SD's output unchanged.
+        previous = (torch.arange(frames, device=hidden_states.device) - 1).clamp(min=0)
+
+        def sparse_causal(x: torch.Tensor) -> torch.Tensor:
+            x = x.view(bf // frames, frames, n, -1)  # (b, f, hw, c)
+            first = x[:, :1].expand(-1, frames, -1, -1)
+            return torch.cat([first, x[:, previous]], dim=2).flatten(0, 1)  # (b*f, 2hw, c)
+
+        out = multihead_attention(query, sparse_causal(key), sparse_causal(value), attn.heads, self.layout.xformers)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class CrossAttention:
+    """Attention of image tokens over text tokens; its maps are materialised only when `control` wants them."""
+
+    def __init__(self, layer: str, layout: FrameLayout, control: Control):
+        self.layer, self.layout, self.control = layer, layout, control
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        text = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(text), attn.to_v(text)
+        if self.control.wants_maps(self.layer):
+            maps = attention_maps(query, key, attn.heads)
+            out = apply_maps(self.control.cross_attention(self.layer, maps, self.layout.num_frames), value)
+        else:
+            out = multihead_attention(query, key, value, attn.heads, self.layout.xformers)
+        return attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
+
+
+def install(unet: torch.nn.Module, layout: FrameLayout, control: Control) -> None:
+    """Put our processors on every attention layer of the UNet's transformer blocks and hook every resnet."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    for name, module in unet.named_modules():
+        if isinstance(module, BasicTransformerBlock) and module.attn2 is not None:
+            module.attn1.set_processor(SelfAttention(f"{name}.attn1", layout, control))
+            module.attn2.set_processor(CrossAttention(f"{name}.attn2", layout, control))
+        elif isinstance(module, ResnetBlock2D):
+            module.register_forward_hook(lambda _, args, out, name=name: control.features(name, out))

@@ -1,0 +1,99 @@
+"""How a target prompt relates to the source prompt, token by token (Prompt-to-Prompt's alignment).
+
+Token positions are those of the text encoder's input: 0 is the start token, words follow, then the end token
+and its padding up to the tokenizer's length (77 for SD 1.x).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+
+from ctxedit.errors import UsageError
+
+# Words that name nothing in the picture: never a reason to blend.
+FUNCTION_WORDS = frozenset(
+    "a an the and or of on in at to with is are was be being by for from into over under its his her their "
+    "this that these those while".split()
+)
+
+
+def token_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids from the start token to the end token, without padding."""
+    return list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
+
+
+def word_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
+    """(word, token positions) of each word of the prompt; CLIP's tokens mark the end of a word with </w>."""
+    words, pieces, positions = [], [], []
+    tokens = tokenizer.convert_ids_to_tokens(token_ids(tokenizer, prompt)[1:-1])
+    for position, token in enumerate(tokens, start=1):
+        pieces.append(token)
+        positions.append(position)
+        if token.endswith("</w>") or position == len(tokens):
+            words.append(("".join(pieces).removesuffix("</w>"), positions))
+            pieces, positions = [], []
+    return words
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Target token position -> the source token position it shares, or -1 for a token of its own."""
+
+    token_map: torch.Tensor  # (tokens,) long
+    changed_source: list[int]  # source positions of the words that the target replaced or dropped
+    changed_target: list[int]  # target positions of the words that the target replaced or added
+
+
+def align(tokenizer, source: str, target: str) -> Alignment:
+    """Align the two prompts' tokens (longest matching blocks); the end token and padding map onto the source's."""
+    length = tokenizer.model_max_length
+    src, tgt = token_ids(tokenizer, source), token_ids(tokenizer, target)
+    token_map = torch.full((length,), -1, dtype=torch.long)
+    matcher = difflib.SequenceMatcher(a=src[:-1], b=tgt[:-1], autojunk=False)  # words; end tokens below
+    for block in matcher.get_matching_blocks():
+        token_map[block.b : block.b + block.size] = torch.arange(block.a, block.a + block.size)
+    changed_target = [i for i in range(1, len(tgt) - 1) if token_map[i] < 0]
+    tail = torch.arange(len(tgt) - 1, length)  # end token and padding
+    token_map[tail] = (tail - len(tgt) + len(src)).clamp(max=length - 1)
+    kept_source = set(token_map[token_map >= 0].tolist())
+    changed_source = [i for i in range(1, len(src) - 1) if i not in kept_source]
+    return Alignment(token_map, changed_source, changed_target)
+
+
+def content(tokenizer, prompt: str, positions: list[int]) -> list[int]:
+    """The positions among `positions` that belong to words naming something (not function words)."""
+    keep = set(positions)
+    return [p for word, ps in word_tokens(tokenizer, prompt) if word not in FUNCTION_WORDS for p in ps if p in keep]
+
+
+def phrases(tokenizer, prompt: str, positions: list[int]) -> list[int]:
+    """`positions` grown to their phrases: each changed word with the words after it up to a function word, so
+    that a changed adjective brings its noun ("a [yellow] circle and ..." -> "yellow circle")."""
+    words, grown = word_tokens(tokenizer, prompt), []
+    for k, (_, ps) in enumerate(words):
+        if set(ps) & set(positions):
+            grown += ps
+            for word, more in words[k + 1 :]:
+                if word in FUNCTION_WORDS or not word.isalnum():
+                    break
+                grown += more
+    return sorted(set(grown))
+
+
+def has_word(tokenizer, prompt: str, word: str) -> bool:
+    return any(w == word.lower() for w, _ in word_tokens(tokenizer, prompt))
+
+
+def named_words(tokenizer, prompt: str, words: list[str]) -> list[int]:
+    """Token positions of the given words in the prompt; a word the prompt lacks is an error."""
+    found = []
+    by_word = word_tokens(tokenizer, prompt)
+    for wanted in words:
+        positions = [p for word, ps in by_word if word == wanted.lower() for p in ps]
+        if not positions:
+            raise UsageError(f"--blend word {wanted!r} is not in the prompt {prompt!r}")
+        found += positions
+    return found

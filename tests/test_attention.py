@@ -1,0 +1,186 @@
+"""Attention and feature control: off is the stock computation, records have their shapes and size, injection
+puts the source's features and maps in place, xformers is routed through our processors."""
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+
+from ctxedit.attention import Plan, WordMaps, attention_layers, blend_mask, layer_scale, store_bytes
+from ctxedit.models.inflate import VideoUNet
+from ctxedit.models.synthetic import SD15_UNET
+
+FEATURE = "up_blocks.1.resnets.0"
+SELF = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
+CROSS = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+
+
+@pytest.fixture
+def model(tiny_model) -> VideoUNet:
+    return VideoUNet(UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval())
+
+
+def inputs(seed: int = 0, frames: int = 3, batch: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, frames, 4, 16, 16, generator=g), torch.randn(batch, 77, 32, generator=g)
+
+
+def full_plan(model: VideoUNet, timestep: int) -> Plan:
+    return Plan(
+        features=(FEATURE,), self_attention=(SELF,), structure_steps=frozenset({timestep}),
+        cross_attention=tuple(attention_layers(model.unet, "attn2")), word_steps=frozenset({timestep}),
+    )  # fmt: skip
+
+
+def output_of(model: VideoUNet, layer: str, *args) -> torch.Tensor:
+    seen = []
+    handle = model.unet.get_submodule(layer).register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        model(*args)
+    handle.remove()
+    return seen[-1]
+
+
+def test_recording_is_transparent_and_off_is_bit_for_bit(model):
+    x, text = inputs()
+    with torch.no_grad():
+        plain = model(x, 500, text)
+        model.control.plan, model.control.recording = full_plan(model, 500), True
+        model.control.word_maps = WordMaps(tuple(attention_layers(model.unet, "attn2")), (16, 16))
+        recorded = model(x, 500, text)
+        model.control.reset()
+        again = model(x, 500, text)
+    assert torch.equal(plain, again)
+    torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)  # maps materialised instead of SDPA
+    # A plan for other timesteps changes nothing, bit for bit.
+    model.control.plan = full_plan(model, 999)
+    with torch.no_grad():
+        assert torch.equal(model(x, 500, text), plain)
+
+
+def test_records_have_the_layers_shapes(model):
+    x, text = inputs(frames=3, batch=2)
+    control = model.control
+    control.plan, control.recording = full_plan(model, 500), True
+    control.word_maps = WordMaps((CROSS,), (16, 16))
+    with torch.no_grad():
+        model(x, 500, text)
+    store = control.store
+    assert store[(500, FEATURE)].shape == (6, 32, 16, 16)  # (b*f, channels, h, w): up_blocks.1 of the tiny UNet
+    assert store[(500, SELF + ".q")].shape == store[(500, SELF + ".k")].shape == (6, 256, 32)  # (b*f, hw, c)
+    assert store[(500, CROSS)].shape == (3, 8, 256, 77)  # the conditional branch: (f, heads, hw, tokens)
+    assert all(t.dtype == torch.float16 for t in store.values())
+    assert control.word_maps.total.shape == (3, 77, 16, 16)  # (f, tokens, h, w)
+    assert store_bytes(store) == sum(t.numel() * 2 for t in store.values())
+
+
+def test_injection_puts_the_source_in_place_of_the_edit(model):
+    source, text = inputs(1)
+    edit, other_text = inputs(2)
+    control = model.control
+    control.plan, control.recording = full_plan(model, 500), True
+    source_features = output_of(model, FEATURE, source, 500, text)
+    control.recording, control.token_map = False, torch.arange(77)
+    injected = output_of(model, FEATURE, edit, 500, other_text)
+    torch.testing.assert_close(injected, source_features, atol=1e-2, rtol=1e-2)  # kept at fp16
+    with torch.no_grad():
+        with_source = model(edit, 500, other_text)
+        control.reset()
+        own = model(edit, 500, other_text)
+    assert (with_source - own).abs().max() > 1e-3
+
+
+def test_shared_words_take_the_source_maps_and_changed_words_keep_theirs(model):
+    x, text = inputs(3, batch=1)
+    changed = text.clone()
+    changed[:, 5] += 3.0  # token 5 is a different word
+    control = model.control
+    layers = tuple(attention_layers(model.unet, "attn2"))
+    control.plan = Plan(cross_attention=layers, word_steps=frozenset({500}))
+    control.recording = True
+    with torch.no_grad():
+        model(x, 500, text)
+    source_maps = control.store[(500, CROSS)].float()
+    control.recording, control.token_map = False, torch.where(torch.arange(77) == 5, -1, torch.arange(77))
+    control.word_maps = WordMaps((CROSS,), (16, 16))
+    seen = {}
+    real = control.cross_attention
+    control.cross_attention = lambda layer, maps, frames: seen.setdefault(layer, real(layer, maps, frames))
+    with torch.no_grad():
+        model(x, 500, changed)
+    used = seen[CROSS]
+    torch.testing.assert_close(used[..., :5], source_maps[..., :5], atol=1e-3, rtol=1e-2)
+    assert (used[..., 5] - source_maps[..., 5]).abs().max() > 1e-3
+
+
+def test_an_unguided_record_is_injected_into_both_branches(model):
+    x, text = inputs(4, batch=1)
+    control = model.control
+    control.plan, control.recording = Plan(features=(FEATURE,), structure_steps=frozenset({500})), True
+    recorded = output_of(model, FEATURE, x, 500, text)
+    control.recording = False
+    both, texts = inputs(5, batch=2)
+    injected = output_of(model, FEATURE, both, 500, texts)
+    torch.testing.assert_close(injected, torch.cat([recorded, recorded]), atol=1e-2, rtol=1e-2)
+
+
+def test_xformers_is_used_by_every_processor_when_asked(model, monkeypatch):
+    calls = []
+
+    def memory_efficient_attention(q, k, v):  # (b, n, heads, d), like xformers
+        calls.append(q.shape)
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    fake = types.ModuleType("xformers")
+    fake.ops = types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention)
+    monkeypatch.setitem(sys.modules, "xformers", fake)
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake.ops)
+    x, text = inputs()
+    with torch.no_grad():
+        sdpa = model(x, 500, text)
+        model.use_xformers(True)
+        routed = model(x, 500, text)
+    blocks = len(model.transformer_blocks())
+    assert len(calls) == 3 * blocks  # self, cross and temporal attention of every block
+    torch.testing.assert_close(routed, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_blend_mask_covers_the_region_of_a_word_and_little_else():
+    maps = torch.full((2, 16, 16), 0.2)
+    maps[:, 4:8, 9:13] = 1.0  # the word's object
+    mask = blend_mask(maps)
+    assert mask.shape == (2, 16, 16) and blend_mask(torch.zeros(2, 16, 16)).sum() == 0
+    assert mask[:, 4:8, 9:13].min() == 1  # covered...
+    assert mask.mean() < 0.25 and mask[:, 12:, :4].max() == 0  # ...with a margin, not the frame
+
+
+def test_layer_scales_follow_the_unet_levels():
+    assert [layer_scale(n, 4) for n in ("down_blocks.0.x", "down_blocks.2.x", "mid_block.x", "up_blocks.1.x")] == [
+        1, 4, 8, 4,
+    ]  # fmt: skip
+
+
+def test_store_of_sd15_at_512_stays_as_stated():
+    """SD 1.5's architecture on the meta device, 8 frames at 512x512, guided, a 20-token source prompt, the
+    default settings, 50 steps: the store is 825 MiB in fp16 (as README.md states)."""
+    from ctxedit import editing
+    from ctxedit.settings import EditSettings
+
+    timesteps = list(range(981, 0, -20))
+    with torch.device("meta"):
+        model = VideoUNet(UNet2DConditionModel(**SD15_UNET))
+        plan = editing.structure_plan(EditSettings(), timesteps, model.unet, source_tokens=20)
+        per_step = {}
+        for kind, t in (("both", timesteps[0]), ("words only", timesteps[30])):
+            model.control.reset()
+            model.control.plan, model.control.recording = plan, True
+            with torch.no_grad():
+                model(torch.randn(2, 8, 4, 64, 64), t, torch.randn(2, 77, 768))
+            per_step[kind] = store_bytes(model.control.store)
+    assert (len(plan.structure_steps), len(plan.word_steps)) == (20, 40)
+    assert plan.structure_steps < plan.word_steps  # the first steps of both
+    total = 20 * per_step["both"] + 20 * per_step["words only"]
+    assert total / 2**20 == pytest.approx(825, abs=1)

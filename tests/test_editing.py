@@ -1,0 +1,115 @@
+"""Editing with structure kept: plain settings are the plain sampler bit for bit, direct inversion reconstructs
+exactly under guidance, partial inversion starts later, blending masks find the edited object."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctxedit import diffusion, editing
+from ctxedit.attention import blend_mask
+from ctxedit.runs import Run
+from ctxedit.settings import EditSettings, TuneSettings
+from ctxedit.toy.demo import CLIP, TOY_MODEL
+from ctxedit.tuning import tune_video
+
+PLAIN = dict(inversion="plain", keep_structure=0.0, keep_words=0.0, blend="off")
+PROMPT = "a man is skiing"
+
+
+@pytest.fixture(scope="module")
+def tuned(skiing, tiny_model, tmp_path_factory) -> editing.Tuned:
+    run = Run(tmp_path_factory.mktemp("runs") / "ski")
+    settings = TuneSettings(prompt=PROMPT, frames=3, stride=4, size=32, steps=3, adapter_lr=1e-2)
+    tune_video(skiing, settings, run, str(tiny_model), device="cpu")
+    return editing.load_tuned(run, device="cpu")
+
+
+def plain_sample(tuned: editing.Tuned, settings: EditSettings, target: str, guide=None) -> torch.Tensor:
+    """What the sampler gives without anything from the source but its inverted latents."""
+    from diffusers import DDIMScheduler
+
+    trajectory, _ = editing.invert_source(tuned, settings)
+    scheduler = DDIMScheduler.from_config(tuned.sd.scheduler.config)
+    scheduler.set_timesteps(settings.steps)
+    text, uncond = tuned.sd.encode_text([target]), tuned.sd.encode_text([""])
+    with torch.no_grad():
+        return diffusion.sample(
+            editing.predictor(tuned, text, uncond, settings.guidance), trajectory[0], scheduler,
+            lambda x0_hat: tuned.adapter(x0_hat, text), tuned.x0, tuned.shift, guide=guide,
+            generator=torch.Generator().manual_seed(33),
+        )  # fmt: skip
+
+
+def test_nothing_kept_from_the_source_is_the_plain_sampler_bit_for_bit(tuned):
+    settings = EditSettings(steps=4, **PLAIN)
+    source = editing.source_pass(tuned, settings)
+    assert source.corrections is None and source.store == {} and source.word_maps is None
+    target = "a man is skiing on the moon"
+    assert torch.equal(editing.edit_latents(tuned, source, target, settings), plain_sample(tuned, settings, target))
+    # Injection at fraction 0 and blending off add nothing to direct inversion's corrections, bit for bit.
+    direct = EditSettings(steps=4, **(PLAIN | {"inversion": "direct"}))
+    source = editing.source_pass(tuned, direct)
+    assert source.store == {} and source.corrections.shape[0] == 4
+    expected = plain_sample(tuned, direct, target, guide=lambda step, y: y + source.corrections[step])
+    assert torch.equal(editing.edit_latents(tuned, source, target, direct), expected)
+
+
+def test_direct_inversion_reconstructs_the_source_exactly_under_guidance(tuned):
+    """Target = source prompt, the context following x0_hat as always; exact up to the store's precision."""
+    tuned.model.control.store_dtype = torch.float32  # fp16 records (the default) cost ~1e-2 here
+    try:
+        errors = {}
+        for inversion in ("direct", "plain"):
+            settings = EditSettings(steps=5, guidance=7.5, inversion=inversion)
+            edited = editing.edit_latents(tuned, editing.source_pass(tuned, settings), PROMPT, settings)
+            errors[inversion] = (edited - tuned.x0).abs().max()
+    finally:
+        tuned.model.control.store_dtype = torch.float16
+    assert errors["direct"] < 1e-4 and errors["plain"] > 1e-2
+
+
+def test_every_structure_setting_changes_the_edit(tuned):
+    target = "a woman is skiing"
+    base = EditSettings(steps=4, **(PLAIN | {"inversion": "direct"}))
+    reference = editing.edit_latents(tuned, editing.source_pass(tuned, base), target, base)
+    for change in ({"keep_structure": 1.0}, {"keep_words": 1.0}, {"blend": "woman"}, {"inversion": "negative"}):
+        settings = EditSettings(**(base.to_dict() | change))
+        source = editing.source_pass(tuned, settings)
+        assert not torch.equal(editing.edit_latents(tuned, source, target, settings), reference), change
+
+
+def test_partial_inversion_starts_later_and_keeps_more_of_the_source(tuned):
+    full, partial = (EditSettings(steps=10, strength=s, **PLAIN) for s in (1.0, 0.3))
+    assert (full.first_step, partial.first_step) == (0, 7)
+    steps = []
+    progress = lambda event: steps.append(event.done) if event.stage == "edit" else None  # noqa: E731
+    target = "a red car"
+    distances = []
+    for settings in (full, partial):
+        steps.clear()
+        edited = editing.edit_latents(tuned, editing.source_pass(tuned, settings), target, settings, progress)
+        distances.append(float((edited - tuned.x0).square().mean()))
+        assert steps[-1] == 10 - settings.first_step
+    assert distances[1] < distances[0]
+
+
+def test_blending_masks_cover_the_edited_object_on_a_shapes_clip(tmp_path):
+    """The bundled model, untuned: the changed words' region from the source pass covers the square."""
+    from ctxedit import video
+
+    source_video = tmp_path / "clip.mp4"
+    frames, masks = CLIP.render()
+    video.write_video(frames, source_video, 8.0)
+    run = Run(tmp_path / "run")
+    tune_video(source_video, TuneSettings(prompt=CLIP.caption, frames=8, stride=1, size=64, steps=1), run,
+               str(TOY_MODEL), device="cpu")  # fmt: skip
+    tuned = editing.load_tuned(run, device="cpu")
+    settings = EditSettings(steps=10, guidance=5.0)
+    source = editing.source_pass(tuned, settings)
+    target = CLIP.edited(1, colour="yellow").caption  # the blue square turns yellow
+    words = editing._blend_tokens(tuned.sd.tokenizer, CLIP.caption, target, settings)
+    mask = blend_mask(source.word_maps.of(words[0])) > 0  # (f, 16, 16) latents
+    square = F.avg_pool2d(torch.tensor(masks[:, 1]).float(), 4) > 0.5  # (f, 16, 16)
+    circle = F.avg_pool2d(torch.tensor(masks[:, 0]).float(), 4) > 0.5
+    assert (mask & square).sum() / square.sum() > 0.9
+    assert (mask & circle).sum() / circle.sum() < 0.2 and mask.float().mean() < 0.4
