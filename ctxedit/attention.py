@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-BLEND_THRESHOLD = 0.3  # of a word region's peak (P2P's local blending)
-BLEND_DILATION = 1  # latent pixels added around the region
+BLEND_THRESHOLD = 0.2  # of a word region's peak (P2P's local blending)
+BLEND_DILATION = 2  # latent pixels added around the region
+BLEND_CONTRAST = 0.5  # a word region's peak over its border level: below, the words are not localised
 
 
 @dataclass
@@ -102,14 +103,25 @@ class WordMaps:
         return self.total[:, tokens].sum(1)
 
 
+def _above_border(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(how far summed word maps (f, h, w) rise above their border's median, that median per frame)."""
+    border = torch.cat([maps[:, 0], maps[:, -1], maps[:, :, 0], maps[:, :, -1]], dim=1).median(dim=1).values  # (f,)
+    return (maps - border[:, None, None]).clamp(min=0), border
+
+
+def stands_out(maps: torch.Tensor, contrast: float = BLEND_CONTRAST) -> bool:
+    """Whether summed word maps (f, h, w) single out a region: their peak rises `contrast` times their border
+    level above it, on average over frames. Words a model does not localise give flat maps."""
+    lifted, border = _above_border(maps)
+    return bool((lifted.amax(dim=(1, 2)) / border.clamp(min=1e-12)).mean() >= contrast)
+
+
 def blend_mask(maps: torch.Tensor, threshold: float = BLEND_THRESHOLD, dilation: int = BLEND_DILATION) -> torch.Tensor:
     """Local blending's mask (f, h, w), 1 where the edit may differ from the source, from summed word maps (f, h, w):
     where they rise above their border's median (word maps are diffuse: what counts is how far above the
     background level), smoothed, over `threshold` of the frame's peak, dilated by `dilation` latent pixels."""
-    border = torch.cat([maps[:, 0], maps[:, -1], maps[:, :, 0], maps[:, :, -1]], dim=1)  # (f, 2h + 2w)
-    lifted = (maps - border.median(dim=1).values[:, None, None]).clamp(min=0)[:, None]  # (f, 1, h, w)
-    lifted = F.avg_pool2d(lifted, 3, stride=1, padding=1, count_include_pad=False)
-    peak = lifted.amax(dim=(2, 3), keepdim=True)
+    lifted = F.avg_pool2d(_above_border(maps)[0][:, None], 3, stride=1, padding=1, count_include_pad=False)
+    peak = lifted.amax(dim=(2, 3), keepdim=True)  # (f, 1, 1, 1)
     mask = ((lifted > threshold * peak) & (peak > 0)).float()
     return F.max_pool2d(mask, 2 * dilation + 1, stride=1, padding=dilation)[:, 0]
 
@@ -193,11 +205,16 @@ class Control:
         return torch.cat([maps[:-frames], cond])
 
 
-class SelfAttention:
-    """Sparse-causal self-attention (queries of frame i see the tokens of frames 0 and i-1), under `control`."""
+class _Processor:
+    """A diffusers attention processor for the layer named `layer`; diffusers passes a processor only the
+    arguments its `__call__` names, so each kind spells them out."""
 
     def __init__(self, layer: str, layout: FrameLayout, control: Control):
         self.layer, self.layout, self.control = layer, layout, control
+
+
+class SelfAttention(_Processor):
+    """Sparse-causal self-attention (queries of frame i see the tokens of frames 0 and i-1), under `control`."""
 
     def __call__(
         self,
@@ -223,11 +240,8 @@ class SelfAttention:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class CrossAttention:
+class CrossAttention(_Processor):
     """Attention of image tokens over text tokens; its maps are materialised only when `control` wants them."""
-
-    def __init__(self, layer: str, layout: FrameLayout, control: Control):
-        self.layer, self.layout, self.control = layer, layout, control
 
     def __call__(
         self,

@@ -19,7 +19,7 @@ import torch
 
 from ctxedit import compose, diffusion, prompts
 from ctxedit import video as videos
-from ctxedit.attention import Plan, WordMaps, attention_layers, blend_mask, layer_scale
+from ctxedit.attention import Plan, WordMaps, attention_layers, blend_mask, layer_scale, stands_out
 from ctxedit.diffusion import ShiftSchedule
 from ctxedit.errors import UsageError
 from ctxedit.files import atomic_path, refuse_overwrite, sha256_of
@@ -257,7 +257,12 @@ def edit_latents(
     blend = _blend_tokens(sd.tokenizer, source_prompt, target, settings) if source.word_maps else None
     # The region of the words the target replaces or drops, where the source pass saw them: fixed and reliable (a
     # model that binds words loosely may attend elsewhere for the new ones). Only words it adds take their own.
-    source_mask = blend_mask(source.word_maps.of(blend[0])) if blend and blend[0] else None
+    # Where the source's words do not single out a region, a mask would pin the wrong place: no blending then.
+    source_mask = None
+    if blend and blend[0]:
+        source_maps = source.word_maps.of(blend[0])
+        source_mask = blend_mask(source_maps) if stands_out(source_maps) else None
+        blend = blend if source_mask is not None else None
     start = settings.first_step
 
     def guide(step: int, y: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from ctxedit.attention import Plan, WordMaps, attention_layers, blend_mask, layer_scale, store_bytes
+from ctxedit.attention import BLEND_DILATION, Plan, WordMaps, attention_layers, blend_mask, layer_scale, stands_out, store_bytes
 from ctxedit.models.inflate import VideoUNet
 from ctxedit.models.synthetic import SD15_UNET
 
@@ -154,7 +154,17 @@ def test_blend_mask_covers_the_region_of_a_word_and_little_else():
     mask = blend_mask(maps)
     assert mask.shape == (2, 16, 16) and blend_mask(torch.zeros(2, 16, 16)).sum() == 0
     assert mask[:, 4:8, 9:13].min() == 1  # covered...
-    assert mask.mean() < 0.25 and mask[:, 12:, :4].max() == 0  # ...with a margin, not the frame
+    margin = 1 + BLEND_DILATION  # the smoothing's reach and the dilation
+    outside = torch.ones(16, 16, dtype=torch.bool)
+    outside[4 - margin : 8 + margin, 9 - margin : 13 + margin] = False
+    assert mask[:, outside].max() == 0 and mask[:, 3, 8].min() == 1  # ...with a margin, not the frame
+
+
+def test_only_maps_that_single_out_a_region_stand_out():
+    flat = torch.full((2, 16, 16), 0.2) + 0.02 * torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    peaked = flat.clone()
+    peaked[:, 4:8, 9:13] = 0.5  # 2.5x the background level
+    assert stands_out(peaked) and not stands_out(flat)
 
 
 def test_layer_scales_follow_the_unet_levels():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ctxedit import diffusion, editing
-from ctxedit.attention import blend_mask
+from ctxedit.attention import blend_mask, stands_out
 from ctxedit.runs import Run
 from ctxedit.settings import EditSettings, TuneSettings
 from ctxedit.toy.demo import CLIP, TOY_MODEL
@@ -108,8 +108,10 @@ def test_blending_masks_cover_the_edited_object_on_a_shapes_clip(tmp_path):
     source = editing.source_pass(tuned, settings)
     target = CLIP.edited(1, colour="yellow").caption  # the blue square turns yellow
     words = editing._blend_tokens(tuned.sd.tokenizer, CLIP.caption, target, settings)
-    mask = blend_mask(source.word_maps.of(words[0])) > 0  # (f, 16, 16) latents
+    maps = source.word_maps.of(words[0])
+    assert stands_out(maps)  # the source pass localises the square: blending applies
+    mask = blend_mask(maps) > 0  # (f, 16, 16) latents
     square = F.avg_pool2d(torch.tensor(masks[:, 1]).float(), 4) > 0.5  # (f, 16, 16)
     circle = F.avg_pool2d(torch.tensor(masks[:, 0]).float(), 4) > 0.5
     assert (mask & square).sum() / square.sum() > 0.9
-    assert (mask & circle).sum() / circle.sum() < 0.2 and mask.float().mean() < 0.4
+    assert (mask & circle).sum() / circle.sum() < 0.2 and mask.float().mean() < 0.5
