@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from ctxedit.attention import BLEND_DILATION, Plan, WordMaps, attention_layers, blend_mask, layer_scale, stands_out, store_bytes
+from ctxedit.attention import (
+    BLEND_DILATION,
+    Plan,
+    WordMaps,
+    attention_layers,
+    blend_mask,
+    layer_scale,
+    stands_out,
+    store_bytes,
+)
 from ctxedit.models.inflate import VideoUNet
 from ctxedit.models.synthetic import SD15_UNET
 
