@@ -4,7 +4,8 @@
 
 For fp16 (with GradScaler) and bf16: tuning with gradient checkpointing (xformers when installed), inversion,
 the source pass and one edit with the default structure settings, decoding. Prints a table of time and peak
-GPU memory per stage and checks that every result is finite. About 5 minutes on one H200.
+GPU memory per stage and checks that every result is finite. Sized to finish in under 10 minutes on one GPU
+(not yet run on one: `check` has run on the CPU with the tiny model).
 """
 
 from __future__ import annotations
