@@ -127,18 +127,14 @@ def reconstruction_corrections(
     a point of the source's trajectory lands from the next point. Sampling with `model` (context as in `sample`)
     and these added after each step reproduces the trajectory exactly, whatever the guidance; an edit gets the
     same corrections."""
-    use_context = context_of is not None and shift.active
-    context = context_of(x0_init) if use_context else None
-    timesteps = scheduler.timesteps.tolist()[start:]
     corrections = []
-    for i, t in enumerate(timesteps):
-        y = trajectory[start + i]
-        out = scheduler.step(model(shift.shifted(y, sampling_alphas(scheduler, t)[0], context), t), t, y)
-        corrections.append(trajectory[start + i + 1] - out.prev_sample)
-        if callback:
-            callback(i + 1, len(timesteps))
-        if use_context and i + 1 < len(timesteps):
-            context = context_of(out.pred_original_sample)
+
+    def back_on_trajectory(step: int, y: torch.Tensor) -> torch.Tensor:
+        corrections.append(trajectory[step + 1] - y)
+        return trajectory[step + 1]
+
+    sample(model, trajectory[start], scheduler, context_of, x0_init, shift, start=start, guide=back_on_trajectory,
+           callback=callback)  # fmt: skip
     return torch.stack(corrections)
 
 
