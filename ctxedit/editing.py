@@ -306,7 +306,7 @@ def _audio_span(record: dict, output: OutputSettings) -> videos.AudioSpan | None
     source, frames = record["video"], record["frames"]
     if not source["has_audio"] or not Path(source["path"]).exists() or _output_fps(record, output) != record["fps"]:
         return None
-    start = frames["indices"][0] / source["fps"]
+    start = frames.get("start_s", frames["indices"][0] / source["fps"])  # runs tuned before start_s was recorded
     return videos.AudioSpan(Path(source["path"]), start, frames["count"] * frames["stride"] / source["fps"])
 
 

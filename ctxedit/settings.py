@@ -98,7 +98,8 @@ class EditSettings:
         _choice("--inversion", self.inversion, INVERSIONS)
         _at_least("--steps", self.steps, 1)
         _at_least("--guidance", self.guidance, 0)
-        _at_least("--eta", self.eta, 0)
+        if not 0 <= self.eta <= 1:  # above 1, DDIM's sqrt(1 - alpha_prev - sigma^2) can go negative: NaN latents
+            raise UsageError(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {self.eta}")
         _fraction("--keep-structure", self.keep_structure)
         _fraction("--keep-words", self.keep_words)
         _fraction("--strength", self.strength, low_open=True)

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +48,27 @@ class TuneResult:
 
 
 # ---- the training loop -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def interrupts_between_steps() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C only sets a flag, which the caller reads between steps (`interrupted()`); a second Ctrl-C raises
+    KeyboardInterrupt at once. Outside the main thread, where signals cannot be caught, the flag stays False."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested = threading.Event()
+
+    def on_ctrl_c(signum, frame) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def training_loss(
@@ -101,8 +126,10 @@ def tune(
 ) -> TuneLog:
     """Tune the trainable UNet parameters and the adapter; resumes from `checkpoint` when it exists.
 
-    Ctrl-C saves the checkpoint and raises Interrupted. A non-finite loss ends tuning before its update,
-    so the parameters stay those of the last good step.
+    Ctrl-C takes effect between steps: the step under way finishes, the checkpoint is saved and Interrupted
+    raised, so a resumed run is bit-identical to an uninterrupted one (a second Ctrl-C stops at once and keeps
+    the last checkpoint). A non-finite loss ends tuning before its update: the parameters stay those of the
+    last good step.
     """
     shift = ShiftSchedule(settings.context, settings.context_scale)
     unet_params = list(model.trainable_parameters().values())
@@ -119,30 +146,36 @@ def tune(
     save = lambda: _save_checkpoint(checkpoint, model, adapter, optimizer, generator, scaler, losses)  # noqa: E731
 
     model.train()
+    saved = len(losses) if checkpoint.exists() else None  # the step the checkpoint on disk holds
     try:
-        for step in range(len(losses), settings.steps):
-            loss = training_loss(model, adapter, x0, text, sd, shift, generator)
-            if not math.isfinite(loss.item()):
-                return TuneLog(losses, stopped_early=f"the loss became {loss.item()} at step {step + 1}")
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            # Clipped separately: with one clip, the adapter's gradients would rescale the UNet's update.
-            torch.nn.utils.clip_grad_norm_(unet_params, settings.max_grad_norm)
-            if adapter_params:
-                torch.nn.utils.clip_grad_norm_(adapter_params, settings.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if progress:
-                progress(ProgressEvent("tune", step + 1, settings.steps, loss=losses[-1]))
-            if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
-                save()
-    except KeyboardInterrupt:
-        save()
-        raise Interrupted(
-            f"tuning interrupted after step {len(losses)}; checkpoint saved, continue with --resume"
-        ) from None
+        with interrupts_between_steps() as interrupted:
+            for step in range(len(losses), settings.steps):
+                loss = training_loss(model, adapter, x0, text, sd, shift, generator)
+                if not math.isfinite(loss.item()):
+                    return TuneLog(losses, stopped_early=f"the loss became {loss.item()} at step {step + 1}")
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                # Clipped separately: with one clip, the adapter's gradients would rescale the UNet's update.
+                torch.nn.utils.clip_grad_norm_(unet_params, settings.max_grad_norm)
+                if adapter_params:
+                    torch.nn.utils.clip_grad_norm_(adapter_params, settings.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                if progress:
+                    progress(ProgressEvent("tune", step + 1, settings.steps, loss=losses[-1]))
+                stop = interrupted()
+                if stop or ((step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps):
+                    save()
+                    saved = step + 1
+                if stop:
+                    raise Interrupted(
+                        f"tuning interrupted after step {saved}; checkpoint saved, continue with --resume"
+                    )
+    except KeyboardInterrupt:  # a second Ctrl-C: stop inside the step, keep the last checkpoint
+        kept = f"the checkpoint of step {saved} is kept, continue with --resume" if saved else "no checkpoint yet"
+        raise Interrupted(f"tuning stopped during step {len(losses) + 1}; {kept}") from None
     finally:
         model.eval()
     return TuneLog(losses)
@@ -237,7 +270,7 @@ def tune_video(
     started = time.perf_counter()
     recorded = _check_run_state(run, settings, resume, overwrite)
     info = videos.probe(video)
-    indices = videos.frame_indices(info.num_frames, settings.frames, settings.stride, settings.start)
+    indices = videos.frame_indices(info, settings.frames, settings.stride, settings.start)
     source = _describe_source(video, info)
     if recorded and recorded["video"]["sha256"] != source["sha256"]:
         raise RunError(f"--resume needs the same video; {video} differs from the one {run.root} was tuned on")
@@ -259,7 +292,13 @@ def tune_video(
         "versions": versions(),
         "model": asdict(sd.source),
         "video": source,
-        "frames": {"indices": indices, "start": settings.start, "stride": settings.stride, "count": settings.frames},
+        "frames": {
+            "indices": indices,
+            "start": settings.start,
+            "stride": settings.stride,
+            "count": settings.frames,
+            "start_s": info.times[indices[0]],  # where the audio under the edits begins
+        },
         "size": {"width": width, "height": height, "latent": list(x0.shape[-2:])},
         "fps": source["fps"] / settings.stride,
         "settings": settings.to_dict(),

@@ -33,6 +33,20 @@ def car() -> Path:
     return SAMPLES / "car-turn.mp4"
 
 
+def ffmpeg(*args, stdin: bytes | None = None) -> None:
+    """Run the bundled ffmpeg quietly; fail the test with its message."""
+    done = subprocess.run([ffmpeg_exe(), "-y", "-v", "error", *map(str, args)], input=stdin, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-500:]
+
+
+def encode(frames, path: Path, *options, fps: float = 10, inputs: tuple = ()) -> Path:
+    """Encode RGB frames (f, h, w, 3) with `options` (codec, filters...); `inputs` adds inputs (e.g. audio)."""
+    height, width = frames.shape[1:3]
+    raw = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", fps, "-i", "-"]
+    ffmpeg(*raw, *inputs, *options, path, stdin=frames.tobytes())
+    return path
+
+
 def make_video(path: Path, width: int, height: int, frames: int, fps: int = 10, extra: tuple[str, ...] = ()) -> Path:
     """A synthetic test-pattern video; the container follows the file extension."""
     args = [ffmpeg_exe(), "-y", "-v", "error", "-f", "lavfi", "-i", f"testsrc=size={width}x{height}:rate={fps}"]

@@ -1,15 +1,20 @@
 """The command line end to end on the tiny model, and every bad input: one line, non-zero exit, nothing lost."""
 
 import json
+import shutil
 import subprocess
 import sys
 
+import av
+import numpy as np
 import pytest
-from conftest import make_video
+import torch
+from conftest import encode, ffmpeg, make_video
 from typer.testing import CliRunner
 
 from ctxedit import video
 from ctxedit.cli import app
+from ctxedit.models.sd import load_sd
 from ctxedit.settings import EditSettings
 
 runner = CliRunner()
@@ -98,6 +103,7 @@ def test_tune_then_edit(skiing, tiny_model, tmp_path):
         ("--strength", "0", "--strength must be a fraction in (0, 1], got 0.0"),
         ("--inversion", "null-text", "unknown --inversion 'null-text'; choose one of direct, plain, negative"),
         ("--blend", ",", "--blend takes auto, off or words"),
+        ("--eta", "1.5", "--eta must be between 0 (deterministic) and 1 (DDPM-like), got 1.5"),
     )
     for flag, value, match in bad:
         fails("edit", "--target", "a dog", flag, value, match=match, code=2)
@@ -118,6 +124,29 @@ def test_any_aspect_ratio_odd_sizes_and_no_audio(tiny_model, tmp_path):
     succeeds("tune", odd, "--prompt", "odd", "--model", tiny_model, "--frames", "2", "--size", "30", "--steps", "1")
     succeeds("edit", "--target", "even", "--steps", "2", "--out", "odd-edit.mp4")
     assert (video.probe(tmp_path / "odd-edit.mp4").width, video.probe(tmp_path / "odd-edit.mp4").height) == (32, 32)
+
+
+def test_a_portrait_phone_clip_with_variable_frame_rate_and_sound(tiny_model, tmp_path):
+    """Stored landscape with a 90-degree display rotation, bursts of frames with gaps, a beep at 1.5 s: the edit
+    is portrait like the clip and its sound lines up with the frames it shows."""
+    frames = np.random.default_rng(0).integers(0, 255, (16, 64, 96, 3), dtype=np.uint8)
+    beep = "aevalsrc=0.5*sin(2*PI*1000*t)*between(t\\,1.5\\,1.7):s=48000:d=2.2"
+    vfr = ("-vf", "settb=1/1000,setpts=(N+2*floor(N/4))*100", "-fps_mode", "passthrough")  # 0 .1 .2 .3 .6 ...
+    stored = encode(frames, tmp_path / "stored.mp4", *vfr, "-c:v", "libx264", "-c:a", "aac",
+                    inputs=("-f", "lavfi", "-i", beep))  # fmt: skip
+    ffmpeg("-display_rotation", 90, "-i", stored, "-c", "copy", tmp_path / "phone.mp4")
+    tune = ["tune", tmp_path / "phone.mp4", "--prompt", "noise", "--model", tiny_model, "--frames", "4"]
+    succeeds(*tune, "--start", "8", "--size", "32", "--steps", "1")
+    record = json.loads((tmp_path / "runs/phone/run.json").read_text())
+    assert record["size"] == {"width": 32, "height": 48, "latent": [24, 16]}  # portrait, as shown
+    assert record["frames"]["start_s"] == pytest.approx(1.2)  # frame 8's time, not 8 / the average rate
+    succeeds("edit", "--target", "a painting", "--steps", "2", "--output-size", "source", "--out", "edit.mp4")
+    info = video.probe(tmp_path / "edit.mp4")
+    assert (info.width, info.height, info.num_frames, info.has_audio) == (64, 96, 4, True)
+    with av.open(str(tmp_path / "edit.mp4")) as container:
+        sound = np.concatenate([f.to_ndarray().mean(0) for f in container.decode(audio=0)])
+        rate = container.streams.audio[0].rate
+    assert np.argmax(np.abs(sound) > 0.2) / rate == pytest.approx(1.5 - 1.2, abs=0.02)
 
 
 def test_bad_videos(tiny_model, skiing, car, tmp_path):
@@ -152,6 +181,21 @@ def test_bad_settings_and_models(tiny_model, skiing, tmp_path):
         match="not a diffusers Stable Diffusion folder",
     )
     fails("tune", skiing, "--prompt", "x", "--model", "./nowhere", match="does not exist")
+
+
+def test_scheduler_options_the_inversion_cannot_use(tiny_model, skiing, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config_path = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    del config["clip_sample"]  # diffusers' default would clip x0_hat of latents to [-1, 1]
+    config_path.write_text(json.dumps(config))
+    assert load_sd(str(model), torch.device("cpu"), torch.float32).scheduler.config.clip_sample is False
+    for option, value in (("timestep_spacing", "linspace"), ("thresholding", True)):
+        config_path.write_text(json.dumps(config | {option: value}))
+        shown = "thresholding true" if option == "thresholding" else "timestep_spacing 'linspace'"
+        fails("tune", skiing, "--prompt", "x", "--model", model, *FAST, match=f"scheduler {shown} cannot be inverted")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_nothing_is_overwritten_without_asking(tiny_model, skiing, tmp_path):

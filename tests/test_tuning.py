@@ -1,10 +1,14 @@
 """Tuning, inversion and editing through the library: exact equivalences, reload, resume, divergence."""
 
 import json
+import os
+import signal
+from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ctxedit import editing, tuning
 from ctxedit.errors import Interrupted, RunError, TuningDiverged
@@ -96,37 +100,77 @@ def test_inversion_is_cached_per_setting(skiing, tiny_model, tmp_path):
     assert len(list((run.root / "inversions").iterdir())) == 2
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(skiing, tiny_model, tmp_path, monkeypatch):
-    settings = dict(steps=4, adapter_lr=1e-2, checkpoint_every=100)
-    reference = tune(skiing, tiny_model, tmp_path / "reference", **settings)
+def ctrl_c() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
 
-    real_loss, calls = tuning.training_loss, []
 
-    def interrupted_at_step_3(*args):
+@contextmanager
+def ctrl_c_during_step(monkeypatch, step: int, where: str, presses: int = 1):
+    """Press Ctrl-C `presses` times inside tuning step `step` (1-based): in the UNet's forward, in the backward
+    pass, or between the optimizer's update and the loop's bookkeeping."""
+    real_loss, calls, handles = tuning.training_loss, [], []
+
+    def press(*_):
+        for _ in range(presses):
+            ctrl_c()
+
+    def loss_with_ctrl_c(model, *args):
         calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_loss(*args)
+        if len(calls) == step:
+            if where == "forward":
+                handles.append(model.unet.down_blocks[0].register_forward_hook(press))
+            elif where == "optimizer step":
+                handles.append(register_optimizer_step_post_hook(press))
+        loss = real_loss(model, *args)
+        if len(calls) == step and where == "backward":
+            handles.append(next(iter(model.trainable_parameters().values())).register_hook(press))
+        return loss
 
-    monkeypatch.setattr(tuning, "training_loss", interrupted_at_step_3)
-    with pytest.raises(Interrupted, match="after step 2.*--resume"):
-        tune(skiing, tiny_model, tmp_path / "run", **settings)
+    monkeypatch.setattr(tuning, "training_loss", loss_with_ctrl_c)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        monkeypatch.setattr(tuning, "training_loss", real_loss)
+
+
+def assert_same_run(run: Run, reference: Run) -> None:
+    finished, expected = load_file(str(run.tuned_path)), load_file(str(reference.tuned_path))
+    assert finished.keys() == expected.keys() and all(torch.equal(finished[k], expected[k]) for k in expected)
+    losses = json.loads(run.record_path.read_text())["tuning"]["loss"]["curve"]
+    assert losses == json.loads(reference.record_path.read_text())["tuning"]["loss"]["curve"]
+
+
+@pytest.mark.parametrize("where", ["forward", "backward", "optimizer step"])
+def test_ctrl_c_anywhere_in_a_step_resumes_bit_identically(skiing, tiny_model, tmp_path, monkeypatch, where):
+    settings = dict(steps=5, adapter_lr=1e-2, checkpoint_every=100)
+    reference = tune(skiing, tiny_model, tmp_path / "reference", **settings)
+    with ctrl_c_during_step(monkeypatch, 3, where), pytest.raises(Interrupted, match="after step 3.*--resume"):
+        tune(skiing, tiny_model, tmp_path / "run", **settings)  # the step under way finishes first
     run = Run(tmp_path / "run")
     assert run.checkpoint_path.exists() and not run.tuned_path.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is the user's again
     with pytest.raises(RunError, match="already holds a run"):
         tune(skiing, tiny_model, run.root, **settings)
     with pytest.raises(RunError, match="lr: 3e-05 -> 0.001"):
         tuning.tune_video(
             skiing, TuneSettings(**(SMALL | settings | {"lr": 1e-3})), run, str(tiny_model), "cpu", resume=True
         )
-
-    monkeypatch.setattr(tuning, "training_loss", real_loss)
     tuning.tune_video(skiing, TuneSettings(**(SMALL | settings)), run, str(tiny_model), "cpu", resume=True)
     assert not run.checkpoint_path.exists()
-    finished, expected = load_file(str(run.tuned_path)), load_file(str(reference.tuned_path))
-    assert all(torch.equal(finished[k], expected[k]) for k in expected)
-    losses = json.loads(run.record_path.read_text())["tuning"]["loss"]["curve"]
-    assert losses == json.loads(reference.record_path.read_text())["tuning"]["loss"]["curve"]
+    assert_same_run(run, reference)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(skiing, tiny_model, tmp_path, monkeypatch):
+    settings = dict(steps=5, adapter_lr=1e-2, checkpoint_every=2)
+    reference = tune(skiing, tiny_model, tmp_path / "reference", **settings)
+    with ctrl_c_during_step(monkeypatch, 4, "backward", presses=2):
+        with pytest.raises(Interrupted, match="stopped during step 4; the checkpoint of step 2 is kept"):
+            tune(skiing, tiny_model, tmp_path / "run", **settings)
+    run = Run(tmp_path / "run")
+    tuning.tune_video(skiing, TuneSettings(**(SMALL | settings)), run, str(tiny_model), "cpu", resume=True)
+    assert_same_run(run, reference)
 
 
 def test_a_nan_loss_stops_tuning_and_keeps_the_last_good_parameters(skiing, tiny_model, tmp_path, monkeypatch):

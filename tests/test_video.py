@@ -1,10 +1,13 @@
-"""Video in and out: probing, frame selection, sizes, decoding fallbacks, MP4/GIF writing with audio."""
+"""Video in and out: what users bring (codecs, containers, rotation, pixel aspect, variable frame rate, long
+files) decodes upright at its display size with the right frames and times; MP4/GIF writing with audio."""
 
 import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import make_video
+from conftest import encode, ffmpeg, make_video
+from PIL import Image
 
 from ctxedit import video
 from ctxedit.errors import RunError, UsageError, VideoError
@@ -36,26 +39,142 @@ def test_processed_size_refuses_a_size_below_the_multiple():
         video.processed_size(100, 100, 32, 64, "none")
 
 
-def test_frame_indices_and_what_would_fit():
-    assert video.frame_indices(20, 4, 3, 2) == [2, 5, 8, 11]
-    with pytest.raises(VideoError, match=r"has 10 frames.*try --frames 5"):
-        video.frame_indices(10, 8, 2, 0)
+@pytest.fixture(scope="module")
+def truth(car) -> np.ndarray:
+    """Six natural frames, 96x54 (16:9): asymmetric, so any turn, mirror or stretch shows."""
+    return video.resize_frames(video.read_frames(video.probe(car), list(range(0, 30, 5))), (96, 54))
 
 
-def test_read_frames_from_mp4_and_gif_fallback(skiing, tmp_path):
-    info = video.probe(skiing)
-    frames = video.read_frames(info, [0, 10, 90])
-    assert frames.shape == (3, 256, 256, 3) and frames.dtype == np.uint8
-    gif = make_video(tmp_path / "clip.gif", 48, 36, 6)
-    gif_info = video.probe(gif)  # decord cannot read GIFs: ffmpeg decodes them
-    assert (gif_info.width, gif_info.height, gif_info.num_frames) == (48, 36, 6)
-    assert video.read_frames(gif_info, [1, 5]).shape == (2, 36, 48, 3)
+def error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(int) - b).mean())
 
 
-@pytest.mark.parametrize("container", ["avi", "webm", "mkv", "mov"])
-def test_other_containers(tmp_path, container):
-    info = video.probe(make_video(tmp_path / f"clip.{container}", 64, 48, 5))
-    assert video.read_frames(info, [0, 4]).shape == (2, 48, 64, 3)
+X264 = ("-c:v", "libx264", "-crf", "12")
+CLIPS = {  # name: (encoder options, mean error allowed against the truth)
+    "h264.mp4": ((*X264, "-pix_fmt", "yuv420p"), 4),
+    "yuv444.mp4": ((*X264, "-pix_fmt", "yuv444p"), 4),
+    "bt709-10bit.mp4": (  # tagged BT.709: converted with that matrix, not BT.601's
+        ("-vf", "scale=out_color_matrix=bt709", "-colorspace", "bt709", "-c:v", "libx265", "-crf", "12",
+         "-pix_fmt", "yuv420p10le", "-x265-params", "log-level=none"), 4),
+    "full-range.mp4": (("-vf", "scale=out_range=full", "-color_range", "pc", *X264, "-pix_fmt", "yuv420p"), 4),
+    "av1.mp4": (("-c:v", "libsvtav1", "-crf", "20", "-svtav1-params", "log-level=0"), 4),
+    "vp9.webm": (("-c:v", "libvpx-vp9", "-crf", "15", "-b:v", "0"), 4),
+    "h264.mkv": (X264, 4),
+    "prores.mov": (("-c:v", "prores_ks", "-pix_fmt", "yuv422p10le"), 4),
+    "mpeg4.avi": (("-c:v", "mpeg4", "-q:v", "2"), 4),
+    "palette.gif": ((), 18),  # 256 colours
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CLIPS)
+def test_codecs_and_containers_give_the_right_pictures_and_times(truth, tmp_path, name):
+    options, allowed = CLIPS[name]
+    info = video.probe(encode(truth, tmp_path / name, *options))
+    assert (info.width, info.height, info.num_frames) == (96, 54, 6)
+    assert info.fps == pytest.approx(10) and info.times == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.5], abs=1e-3)
+    order = [3, 0, 5, 1]
+    frames = video.read_frames(info, order)
+    assert frames.shape == (4, 54, 96, 3) and frames.dtype == np.uint8
+    assert error(frames, truth[order]) < allowed < error(frames, truth[[0, 3, 1, 5]])  # those frames, no others
+
+
+@pytest.fixture(scope="module")
+def lossless(truth, tmp_path_factory):
+    return encode(
+        truth, tmp_path_factory.mktemp("clips") / "lossless.mkv", *X264[:2], "-qp", "0", "-pix_fmt", "yuv444p"
+    )
+
+
+@pytest.mark.parametrize("degrees", [0, 90, 180, 270])
+@pytest.mark.parametrize("mirror", [False, True])
+def test_display_matrix_rotation_and_mirror_come_out_as_players_show_them(truth, lossless, tmp_path, degrees, mirror):
+    clip = tmp_path / "phone.mp4"
+    ffmpeg("-display_rotation", degrees, *(["-display_hflip"] if mirror else []), "-i", lossless, "-c", "copy", clip)
+    info = video.probe(clip)
+    frames = video.read_frames(info, list(range(6)))
+    if not mirror:  # counter-clockwise, as the flag says
+        assert error(frames, np.rot90(truth, degrees // 90, axes=(1, 2))) < 1
+    player = subprocess.run(  # ffmpeg turns and mirrors by the display matrix, as players do
+        [video.ffmpeg_exe(), "-v", "error", "-i", clip, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True
+    ).stdout
+    assert (info.width, info.height) == ((54, 96) if degrees in (90, 270) else (96, 54))
+    assert error(frames, np.frombuffer(player, np.uint8).reshape(frames.shape)) < 1
+
+
+def test_pixel_aspect_ratio_is_applied(truth, tmp_path):
+    """1440x1080-style anamorphic video: 4:3 pixels stored, a 16:9 picture shown."""
+    squeezed = np.stack([np.asarray(Image.fromarray(f).resize((72, 54), Image.LANCZOS)) for f in truth])
+    info = video.probe(encode(squeezed, tmp_path / "anamorphic.mp4", "-vf", "setsar=4/3", *X264))
+    assert (info.width, info.height) == (96, 54)
+    frames = video.read_frames(info, [0, 1])
+    assert error(frames, truth[:2]) < 5 < 15 < error(video.resize_frames(squeezed[:2], (96, 54)), truth[:2])
+
+
+def test_odd_sizes_and_a_single_frame(tmp_path):
+    odd = video.probe(make_video(tmp_path / "odd.mkv", 97, 65, 5, extra=("-pix_fmt", "yuv444p")))
+    assert (odd.width, odd.height) == (97, 65) and video.read_frames(odd, [4]).shape == (1, 65, 97, 3)
+    single = video.probe(make_video(tmp_path / "single.mp4", 64, 48, 1))
+    assert single.num_frames == 1 and video.read_frames(single, video.frame_indices(single, 1, 1, 0)).shape[0] == 1
+    with pytest.raises(VideoError, match=r"has 1 frames .*try --frames 1"):
+        video.frame_indices(single, 2, 1, 0)
+
+
+def test_frame_indices_and_what_would_fit(tmp_path):
+    steady = video.probe(make_video(tmp_path / "steady.mp4", 32, 32, 20))
+    assert video.frame_indices(steady, 4, 3, 2) == [2, 5, 8, 11]
+    assert video.frame_indices(steady, 2, 1, 18) == [18, 19]
+    with pytest.raises(VideoError, match=r"has 20 frames .*try --frames 5 or a smaller --stride"):
+        video.frame_indices(steady, 8, 4, 2)
+    with pytest.raises(VideoError, match="--start must be below 20"):
+        video.frame_indices(steady, 1, 1, 20)
+
+
+def grey_ramp(count: int) -> np.ndarray:
+    """Frame n is flat grey 20 + 12 n: which frame a picture came from can be read off its brightness."""
+    return np.broadcast_to((20 + 12 * np.arange(count))[:, None, None, None], (count, 32, 48, 3)).astype(np.uint8)
+
+
+def which_frames(frames: np.ndarray) -> list[int]:
+    return [round((f.mean() - 20) / 12) for f in frames]
+
+
+VFR_TIMES = [(n + 2 * (n // 4)) / 10 for n in range(16)]  # bursts of 4 frames at 10 fps with 0.2 s gaps, as phones do
+
+
+def test_variable_frame_rate_frames_follow_the_clock(tmp_path):
+    vfr = ("-vf", "settb=1/1000,setpts=(N+2*floor(N/4))*100", "-fps_mode", "passthrough")
+    clip = encode(grey_ramp(16), tmp_path / "vfr.mkv", *vfr, *X264, "-pix_fmt", "yuv444p")
+    info = video.probe(clip)
+    assert info.num_frames == 16 and info.times == pytest.approx(VFR_TIMES, abs=1e-3)
+    assert which_frames(video.read_frames(info, list(range(16)))) == list(range(16))
+    picks = video.frame_indices(info, 6, 1, 4)
+    # What a steady clip at the average rate shows at each of its frame times: a frame repeats over a gap.
+    clock = [VFR_TIMES[4] + k / info.fps for k in range(6)]
+    shown = [max(n for n, t in enumerate(VFR_TIMES) if t <= c + 0.5 / info.fps) for c in clock]
+    assert picks == shown and picks != list(range(4, 10)) and len(set(picks)) < len(picks)
+    assert which_frames(video.read_frames(info, picks)) == picks
+
+
+MEASURE_READ = """
+import resource, sys
+from pathlib import Path
+from ctxedit import video
+info = video.probe(Path(sys.argv[1]))
+video.read_frames(info, list(range(0, info.num_frames, info.num_frames // 8))[:8])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.parametrize("codec", [("-c:v", "libx264", "-preset", "ultrafast"), ("-c:v", "libsvtav1", "-preset", "12")])
+def test_memory_does_not_grow_with_the_length_of_the_file(tmp_path, codec):
+    """8 frames spread over 3000 (640x360) cost what 8 frames spread over 300 do: only they are kept."""
+    peaks = []
+    for count in (300, 3000):
+        clip = tmp_path / f"{count}.mp4"
+        ffmpeg("-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30", "-frames:v", count, *codec, clip)
+        run = subprocess.run([sys.executable, "-c", MEASURE_READ, clip], capture_output=True, text=True, check=True)
+        peaks.append(int(run.stdout))
+    assert peaks[1] < 1.1 * peaks[0], peaks  # KiB; decoding the whole long file would take 2 GB more
 
 
 def test_unusable_files_get_one_clear_line(tmp_path, car):
@@ -72,16 +191,20 @@ def test_unusable_files_get_one_clear_line(tmp_path, car):
             video.probe(tmp_path / bad)
     with pytest.raises(VideoError, match=r"truncated or corrupt: only \d+ of 80 frames"):
         video.probe(truncated)
+    ffmpeg("-display_rotation", 45, "-i", car, "-c", "copy", tmp_path / "tilted.mp4")
+    with pytest.raises(VideoError, match="rotation 45 degrees: only multiples of 90"):
+        video.probe(tmp_path / "tilted.mp4")
 
 
-def test_write_video_round_trip_with_audio(skiing, tmp_path):
+@pytest.mark.parametrize("fps", [14.985, 29.97, 40 / 11])  # each once lost its last frame to -shortest
+def test_write_video_round_trip_with_audio(skiing, tmp_path, fps):
     ramp = np.linspace(0, 200, 56)[None, None, :, None] + np.arange(6)[:, None, None, None] * 10
     frames = np.broadcast_to(ramp, (6, 40, 56, 3)).astype(np.uint8)
     dest = tmp_path / "out.mp4"
-    video.write_video(frames, dest, 14.985, video.AudioSpan(skiing, 1.0, 6 / 14.985))
+    video.write_video(frames, dest, fps, video.AudioSpan(skiing, 1.0, 6 / fps))
     info = video.probe(dest)
     assert (info.width, info.height, info.num_frames, info.has_audio) == (56, 40, 6, True)
-    assert info.fps == pytest.approx(14.985, abs=0.01)
+    assert info.fps == pytest.approx(fps, abs=0.01)
     header = subprocess.run([video.ffmpeg_exe(), "-i", str(dest)], capture_output=True, text=True).stderr
     assert "h264" in header and "yuv420p" in header
     back = video.read_frames(info, list(range(6)))

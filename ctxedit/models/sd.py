@@ -200,13 +200,19 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype) -> StableDiffu
             module = cls.from_pretrained(folder / name, variant=variant, torch_dtype=dtype)
             parts[name] = module.to(device).requires_grad_(False).eval()
         parts["tokenizer"] = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        parts["scheduler"] = DDIMScheduler.from_pretrained(folder / "scheduler")
+        # Clipping x0_hat to [-1, 1] is for pixels; SD latents reach about +-4 (diffusers' SD pipelines turn it off).
+        parts["scheduler"] = DDIMScheduler.from_pretrained(folder / "scheduler", clip_sample=False)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"cannot load the Stable Diffusion components of {model}: {first_line}") from error
-    if parts["scheduler"].config.prediction_type != "epsilon":
+    config = parts["scheduler"].config
+    if config.prediction_type != "epsilon":
+        raise ModelError(f"{model} predicts {config.prediction_type}; ctxedit needs an SD 1.x epsilon model")
+    if config.timestep_spacing not in ("leading", "trailing") or config.thresholding:
+        option = "thresholding true" if config.thresholding else f"timestep_spacing {config.timestep_spacing!r}"
         raise ModelError(
-            f"{model} predicts {parts['scheduler'].config.prediction_type}; ctxedit needs an SD 1.x epsilon model"
+            f"{model}: scheduler {option} cannot be inverted; set timestep_spacing 'leading' (SD 1.x's) and "
+            "thresholding false in scheduler/scheduler_config.json"
         )
     if parts["unet"].config.cross_attention_dim != parts["text_encoder"].config.hidden_size:
         raise ModelError(f"{model}: the UNet's cross-attention width does not match its text encoder")
