@@ -67,8 +67,8 @@ def interrupts_between_steps() -> Iterator[Callable[[], bool]]:
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         yield requested.is_set
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:  # `previous` is None where a non-Python handler was installed; Python's default is then the best guess
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 def training_loss(
