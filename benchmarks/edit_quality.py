@@ -282,9 +282,18 @@ def _load_worker_model(device: str, jobs: int) -> None:
     _worker_sd = load_sd(str(toy_model()), torch.device(device), torch.float32)
 
 
-def _score_clip(job: tuple) -> list[dict]:
-    clip, edits, methods, seeds, tune_steps, steps = job
-    return run_clip(_worker_sd, clip, edits, methods, seeds, tune_steps, steps)
+def _with_worker_model(job: tuple) -> list[dict]:
+    function, *args = job
+    return function(_worker_sd, *args)
+
+
+def in_workers(function, jobs: list[tuple], device: str, processes: int):
+    """Run `function(sd, *job)` for each job in `processes` worker processes that each load the toy model once;
+    yields (jobs done, the next job's rows, minutes since the start), in the order of `jobs`."""
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(processes, _load_worker_model, (device, processes)) as pool:
+        for done, rows in enumerate(pool.imap(_with_worker_model, [(function, *job) for job in jobs]), 1):
+            yield done, rows, (time.perf_counter() - started) / 60
 
 
 def machine(device: str) -> str:
@@ -316,19 +325,17 @@ def main() -> None:
     name = "edit_quality_ablation" if args.ablation else "edit_quality"
     title = "Edit quality on the shapes world" + (": ContextDiff ablation" if args.ablation else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, started = [], time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(args.jobs, _load_worker_model, (args.device, args.jobs)) as pool:
-        for done, clip_rows in enumerate(pool.imap(_score_clip, jobs), 1):
-            rows += clip_rows
-            minutes = (time.perf_counter() - started) / 60
-            print(f"clip {done}/{args.clips} done, {minutes:.1f} min", flush=True)
-            settings = (
-                f"{done} of {args.clips} held-out clips (seed {HELD_OUT_SEED}) x 3 edits + a reconstruction, "
-                f"{args.seeds} tuning seed(s), {args.tune_steps} tuning steps, {args.steps} DDIM steps, guidance "
-                f"{GUIDANCE:g}, {machine(args.device)}, {args.jobs} process(es), {minutes:.0f} min"
-            )
-            report = f"# {title}\n\n{settings}; mean ± 95% interval over clips and seeds.\n\n{table(rows, methods)}\n"
-            (args.out / f"{name}.md").write_text(report)
+    rows = []
+    for done, clip_rows, minutes in in_workers(run_clip, jobs, args.device, args.jobs):
+        rows += clip_rows
+        print(f"clip {done}/{args.clips} done, {minutes:.1f} min", flush=True)
+        settings = (
+            f"{done} of {args.clips} held-out clips (seed {HELD_OUT_SEED}) x 3 edits + a reconstruction, "
+            f"{args.seeds} tuning seed(s), {args.tune_steps} tuning steps, {args.steps} DDIM steps, guidance "
+            f"{GUIDANCE:g}, {machine(args.device)}, {args.jobs} process(es), {minutes:.0f} min"
+        )
+        report = f"# {title}\n\n{settings}; mean ± 95% interval over clips and seeds.\n\n{table(rows, methods)}\n"
+        (args.out / f"{name}.md").write_text(report)
     if not args.ablation:
         plot(rows, args.out / f"{name}.png")
     print(report)

@@ -9,7 +9,8 @@ current timestep). Off (the default), every processor is the stock computation, 
 source's pass) puts features, self-attention queries and keys and cross-attention maps into `Control.store`,
 keyed (timestep, layer); injecting (the edit) takes them back in place of the edit's own, for the first part of
 the steps (Plug-and-Play features and self-attention, Prompt-to-Prompt cross-attention of the shared words).
-Either way the cross-attention maps of chosen words can be summed up for local blending (`WordMaps`).
+Either way the cross-attention maps of chosen words can be summed up for local blending (`WordMaps`), and the
+attention to chosen target words re-weighted inside their region (`Reweighting`, re-alignment's fine stage).
 Frames are folded into the batch, (b*f, tokens, c); in a guided call the conditional branch is the last one.
 """
 
@@ -126,6 +127,36 @@ def blend_mask(maps: torch.Tensor, threshold: float = BLEND_THRESHOLD, dilation:
     return F.max_pool2d(mask, 2 * dilation + 1, stride=1, padding=dilation)[:, 0]
 
 
+@dataclass(frozen=True)
+class Reweighting:
+    """RealignDiff's fine stage: in the conditional branch, the attention to some target tokens is raised inside
+    their region and lowered outside (weight w inside, 1/w outside), then renormalised over the tokens to the
+    query's total; a per-timestep strength fades it out (1: the whole weight, 0 or absent: off)."""
+
+    weights: dict[int, float]  # token position -> weight
+    region: torch.Tensor | None  # (f, h, w) at the latents' size, 1 inside; None: raised everywhere
+    strength: dict[int, float]  # timestep -> fraction of (weight - 1) that applies
+
+    def apply(self, maps: torch.Tensor, frames: int, timestep: int) -> torch.Tensor:
+        """(b*f, heads, n, tokens) maps -> the same with the conditional branch re-weighted."""
+        strength = self.strength.get(timestep, 0.0)
+        if strength == 0:
+            return maps
+        tokens = torch.tensor(list(self.weights), device=maps.device)
+        weights = 1 + strength * (torch.tensor(list(self.weights.values()), device=maps.device) - 1)  # (k,)
+        factor = weights.expand(frames, 1, maps.shape[2], -1)  # (f, 1, n, k)
+        if self.region is not None:
+            h, w = self.region.shape[-2:]
+            scale = round((h * w / maps.shape[2]) ** 0.5)
+            inside = F.adaptive_avg_pool2d(self.region[:, None].float(), (h // scale, w // scale)).flatten(1)
+            factor = weights ** (2 * inside.to(maps.device)[:, None, :, None] - 1)  # w inside, 1/w outside
+        cond = maps[-frames:]
+        weighed = cond.clone()
+        weighed[..., tokens] = cond[..., tokens] * factor
+        # Each query keeps its total (1, or what the shared words' source maps make it): only the share moves.
+        return torch.cat([maps[:-frames], weighed * (cond.sum(-1, keepdim=True) / weighed.sum(-1, keepdim=True))])
+
+
 def store_bytes(store: dict[tuple[int, str], torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in store.values())
 
@@ -156,11 +187,13 @@ class Control:
     store_device: torch.device | None = None  # None: where they were computed; "cpu" to offload
     token_map: torch.Tensor | None = None  # per target token, the source token whose map it takes, -1: its own
     word_maps: WordMaps | None = None
+    reweighting: Reweighting | None = None
     timestep: int | None = None  # set by VideoUNet.forward
 
     def reset(self) -> None:
-        """Back to off: nothing recorded, injected or summed."""
+        """Back to off: nothing recorded, injected, summed or re-weighted."""
         self.plan, self.recording, self.store, self.token_map, self.word_maps = Plan(), False, {}, None, None
+        self.reweighting = None
 
     def _exchange(self, layer: str, value: torch.Tensor) -> torch.Tensor:
         """Record `value` under (timestep, layer), or return the recorded one in its place."""
@@ -186,23 +219,25 @@ class Control:
 
     def wants_maps(self, layer: str) -> bool:
         shared = layer in self.plan.cross_attention and self.timestep in self.plan.word_steps
-        return shared or (self.word_maps is not None and layer in self.word_maps.layers)
+        reweighted = self.reweighting is not None and self.reweighting.strength.get(self.timestep, 0.0) != 0
+        return shared or reweighted or (self.word_maps is not None and layer in self.word_maps.layers)
 
     def cross_attention(self, layer: str, maps: torch.Tensor, frames: int) -> torch.Tensor:
         """(b*f, heads, n, tokens) maps of the edit -> the maps to use; the conditional branch may take the
         source's maps for the tokens the two prompts share."""
         if self.word_maps is not None and layer in self.word_maps.layers:
             self.word_maps.add(maps.float(), frames)
-        if layer not in self.plan.cross_attention or self.timestep not in self.plan.word_steps:
-            return maps
-        cond = maps[-frames:]
-        source = self._exchange(layer, cond[..., : self.plan.source_tokens])
-        if self.recording:
-            return maps
-        shared = (self.token_map >= 0) & (self.token_map < self.plan.source_tokens)
-        cond = cond.clone()
-        cond[..., shared] = source[..., self.token_map[shared]]
-        return torch.cat([maps[:-frames], cond])
+        if layer in self.plan.cross_attention and self.timestep in self.plan.word_steps:
+            cond = maps[-frames:]
+            source = self._exchange(layer, cond[..., : self.plan.source_tokens])
+            if not self.recording:
+                shared = (self.token_map >= 0) & (self.token_map < self.plan.source_tokens)
+                cond = cond.clone()
+                cond[..., shared] = source[..., self.token_map[shared]]
+                maps = torch.cat([maps[:-frames], cond])
+        if self.reweighting is not None:
+            maps = self.reweighting.apply(maps, frames, self.timestep)
+        return maps
 
 
 class _Processor:

@@ -31,6 +31,12 @@ DeviceOpt = Annotated[str, typer.Option(help="auto | cuda | cpu.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto (fp16/bf16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+ScorerOpt = Annotated[
+    str, typer.Option(help="Text alignment, recorded for every candidate: attention | caption | clip.")
+]
+ScorerModelOpt = Annotated[
+    str | None, typer.Option(help="Captioner (BLIP; 'shapes' for the demo world) or CLIP model: hub id or folder.")
+]
 OutputSizeOpt = Annotated[
     str, typer.Option("--output-size", help="processed (the model's size) | source (scaled back, Lanczos).")
 ]
@@ -224,6 +230,25 @@ def edit(
     strength: Annotated[
         float, typer.Option(help="Fraction of the steps inverted and resampled; lower keeps more of the source.")
     ] = EditSettings.strength,
+    realign: Annotated[
+        str,
+        typer.Option(
+            help="auto (the words the target changes get more attention in their region) | off. "
+            "Weigh words yourself with (word:1.5) in --target."
+        ),
+    ] = EditSettings.realign,
+    candidates: Annotated[
+        int,
+        typer.Option(
+            help="Make this many edits that differ (eta seeds, guidance, structure); keep the steadiest and "
+            "best preserved."
+        ),
+    ] = EditSettings.candidates,
+    scorer: ScorerOpt = EditSettings.scorer,
+    scorer_model: ScorerModelOpt = None,
+    keep_candidates: Annotated[
+        bool, typer.Option("--keep-candidates", help="Write every candidate beside the chosen edit.")
+    ] = False,
     eta: Annotated[float, typer.Option(help="DDIM eta; 0 is deterministic, > 0 adds seeded noise.")] = EditSettings.eta,
     seed: Annotated[
         int | None, typer.Option(help="Seed of the eta noise. [default: the run's seed]", show_default=False)
@@ -247,9 +272,12 @@ def edit(
     """Edit a tuned run towards one or more target texts; writes one MP4 per target."""
     settings = EditSettings(
         steps=steps, guidance=guidance, inversion_prompt=inversion_prompt, inversion=inversion,
-        keep_structure=keep_structure, keep_words=keep_words, blend=blend, strength=strength, eta=eta, seed=seed,
+        keep_structure=keep_structure, keep_words=keep_words, blend=blend, strength=strength, realign=realign,
+        candidates=candidates, scorer=scorer, scorer_model=scorer_model, eta=eta, seed=seed,
     )  # fmt: skip
-    output = OutputSettings(size=output_size, fps=fps, gif=gif, side_by_side=side_by_side, grid=grid)
+    output = OutputSettings(
+        size=output_size, fps=fps, gif=gif, side_by_side=side_by_side, grid=grid, keep_candidates=keep_candidates
+    )
     from ctxedit.editing import edit_run
     from ctxedit.runs import resolve_run
 
@@ -369,6 +397,33 @@ def demo(
         f"frame strip {result.strip}\ndone in {result.seconds:.0f} s",
         highlight=False,
     )
+
+
+@app.command()
+@handle_errors
+def score(
+    edits: Annotated[
+        list[Path] | None, typer.Argument(help="Edited MP4s of the run. [default: all its edits]", show_default=False)
+    ] = None,
+    run: RunOpt = "latest",
+    scorer: ScorerOpt = EditSettings.scorer,
+    scorer_model: ScorerModelOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Score a run's edits: text alignment, frame consistency, preservation of the source (higher is better)."""
+    from ctxedit.runs import resolve_run
+    from ctxedit.scoring import score_run
+
+    results = score_run(resolve_run(run), edits or [], scorer, scorer_model, device, precision)
+    if json_out:
+        _print_json(results)
+        return
+    table = Table("edit", f"text ({scorer})", "consistency", "preservation")
+    for r in results:
+        table.add_row(r["target"], f"{r['text']:.4f}", f"{r['consistency']:.4f}", f"{r['preservation']:.4f}")
+    out.print(table)
 
 
 @app.command()

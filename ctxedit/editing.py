@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctxedit import compose, diffusion, prompts
+from ctxedit import compose, diffusion, prompts, realign
 from ctxedit import video as videos
-from ctxedit.attention import Plan, WordMaps, attention_layers, blend_mask, layer_scale, stands_out
+from ctxedit.attention import Plan, Reweighting, WordMaps, attention_layers, blend_mask, layer_scale, stands_out
 from ctxedit.diffusion import ShiftSchedule
 from ctxedit.errors import UsageError
 from ctxedit.files import atomic_path, refuse_overwrite, sha256_of
@@ -30,6 +30,8 @@ from ctxedit.models.trained import build, load_trained
 from ctxedit.runs import Progress, ProgressEvent, Run, recorded_model
 from ctxedit.settings import EditSettings, OutputSettings
 
+REALIGN_WEIGHT = 1.5  # --realign auto: attention weight of the words the target changes, inside their region
+REALIGN_FRACTION = 0.5  # ...fading from the whole weight at the first step to none halfway
 # What the edit takes from the source, chosen by measurement on the shapes world (README, "Keeping structure"):
 FEATURE_LAYERS = ("up_blocks.1.resnets.1",)  # decoder features that carry the layout (as Plug-and-Play's)
 SELF_ATTENTION_LAYERS: tuple[str, ...] = ()  # self-attention injection moved objects more, not less
@@ -250,6 +252,7 @@ def edit_latents(
     """Contextual DDIM sampling from the inverted source towards `target`, steered by the source pass."""
     sd, control = tuned.sd, tuned.model.control
     sampler, _ = _schedulers(tuned, settings.steps)
+    target, weights = prompts.parse_weights(sd.tokenizer, target)
     text = sd.encode_text([target])
     seed = settings.seed if settings.seed is not None else tuned.record["settings"]["seed"]
     generator = torch.Generator(sd.device).manual_seed(seed)
@@ -274,9 +277,17 @@ def edit_latents(
             y = anchor + mask[None, :, None] * (y - anchor)  # outside the mask, the source as it was
         return y
 
+    alignment = prompts.align(sd.tokenizer, source_prompt, target)
+    if settings.realign == "auto":  # the words the target changes, unless the prompt weighs them itself
+        changed = prompts.content(sd.tokenizer, target, alignment.changed_target)
+        weights = dict.fromkeys(changed, REALIGN_WEIGHT) | weights
     control.reset()
     control.plan, control.store = source.plan, source.store
-    control.token_map = prompts.align(sd.tokenizer, source_prompt, target).token_map.to(sd.device)
+    control.token_map = alignment.token_map.to(sd.device)
+    if any(w != 1 for w in weights.values()):  # weight 1 everywhere: the stock attention, bit for bit
+        timesteps = sampler.timesteps.tolist()[start:]
+        fade = {t: max(0.0, 1 - k / (REALIGN_FRACTION * len(timesteps))) for k, t in enumerate(timesteps)}
+        control.reweighting = Reweighting(weights, source_mask, fade)
     if blend is not None and source_mask is None:
         control.word_maps = WordMaps(source.word_maps.layers, source.word_maps.latent_size)
     try:
@@ -315,7 +326,9 @@ def composite_paths(run: Run, output: OutputSettings) -> list[Path]:
     return [run.root / "edits" / f"{name}.mp4" for name, on in wanted if on]
 
 
-def output_paths(run: Run, targets: list[str], out: Path | None, output: OutputSettings, overwrite: bool) -> list[Path]:
+def output_paths(
+    run: Run, targets: list[str], out: Path | None, output: OutputSettings, overwrite: bool, candidates: int = 1
+) -> list[Path]:
     """Where each edit goes; checked (with the composites) before any work so that nothing runs only to be refused."""
     if not targets or any(not t.strip() for t in targets):
         raise UsageError("--target is empty; give the edited description, e.g. --target 'a man is skiing on the moon'")
@@ -330,6 +343,8 @@ def output_paths(run: Run, targets: list[str], out: Path | None, output: OutputS
         refuse_overwrite(path, overwrite)
         if output.gif:
             refuse_overwrite(path.with_suffix(".gif"), overwrite)
+        for kept in candidate_paths(path, candidates) if output.keep_candidates else []:
+            refuse_overwrite(kept, overwrite)
     for path in composite_paths(run, output):
         refuse_overwrite(path, overwrite)
     return paths
@@ -342,6 +357,16 @@ class EditRequest:
     path: Path
 
 
+def _source_key(settings: EditSettings) -> EditSettings:
+    """The settings without what the source pass does not depend on (the rest of the run is fixed)."""
+    return replace(settings, eta=0.0, seed=None, realign="off", candidates=1, scorer="attention", scorer_model=None)
+
+
+def candidate_paths(path: Path, count: int) -> list[Path]:
+    """Where `--keep-candidates` writes the candidates of the edit at `path`."""
+    return [path.parent / f"{path.stem}.candidates" / f"{k}.mp4" for k in range(count)] if count > 1 else []
+
+
 def render_edits(
     tuned: Tuned,
     requests: list[EditRequest],
@@ -349,28 +374,39 @@ def render_edits(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> list[EditResult]:
-    """Edit towards each request's target; every edit is written and recorded as soon as it is done. Consecutive
-    requests with the same settings share one source pass (the first one's time includes it)."""
+    """Edit towards each request's target; every edit is written and recorded as soon as it is done. Requests
+    (and candidates) with the same source-pass settings in a row share one source pass (the first one's time
+    includes it). With `candidates` > 1 each candidate is scored and the best by fused ranks is the edit."""
     record = tuned.record
-    for request in requests:  # a --blend word in neither prompt fails before any work
-        _blend_tokens(tuned.sd.tokenizer, record["settings"]["prompt"], request.target, request.settings)
-    source, source_key = None, None
+    for request in requests:  # a --blend word in neither prompt or a malformed weight fails before any work
+        target, _ = prompts.parse_weights(tuned.sd.tokenizer, request.target)
+        _blend_tokens(tuned.sd.tokenizer, record["settings"]["prompt"], target, request.settings)
+    passes: dict[EditSettings, SourcePass] = {}  # the last one only: SD 1.5's holds ~825 MiB of records
+    reranker = realign.Reranker(tuned)
     results = []
     for request in requests:
         started = time.perf_counter()
         settings = request.settings
-        key = replace(settings, eta=0.0, seed=None)  # all the source pass depends on (the rest of the run is fixed)
-        if key != source_key:
-            source, source_key = source_pass(tuned, settings, progress), key
-        cached, source.cached = source.cached, True
-        latents = edit_latents(tuned, source, request.target, settings, progress)
-        frames = tuned.sd.decode_latents(latents, _stage(progress, "decode", request.target))
-        if output.size == "source":
-            frames = videos.resize_frames(
-                frames, videos.source_region(record["video"]["width"], record["video"]["height"], frames.shape[2:0:-1])
-            )
-        audio, fps = _audio_span(record, output), _output_fps(record, output)
-        videos.write_video(frames, request.path, fps, audio, overwrite)
+        seed = settings.seed if settings.seed is not None else record["settings"]["seed"]
+        options = realign.candidate_settings(settings, settings.candidates, seed)
+        keys = [_source_key(option) for option in options]
+        made: dict[int, np.ndarray] = {}
+        cached = True
+        for k in sorted(range(len(options)), key=lambda k: keys.index(keys[k])):  # one source pass per key
+            if keys[k] not in passes:
+                passes = {keys[k]: source_pass(tuned, options[k], progress)}
+            source = passes[keys[k]]
+            cached, source.cached = cached and source.cached, True
+            label = request.target if len(options) == 1 else f"{request.target} ({k + 1}/{len(options)})"
+            latents = edit_latents(tuned, source, request.target, options[k], progress)
+            made[k] = tuned.sd.decode_latents(latents, _stage(progress, "decode", label))
+        chosen, candidates = reranker.choose(request, options, made) if len(options) > 1 else (0, [])
+        if output.keep_candidates:
+            for path, candidate in zip(candidate_paths(request.path, len(candidates)), candidates, strict=True):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _write(made[candidate["index"]], path, record, output, overwrite)
+                candidate["path"] = str(path)
+        frames, fps, audio = _write(made[chosen], request.path, record, output, overwrite)
         gif_path = request.path.with_suffix(".gif") if output.gif else None
         if gif_path:
             videos.write_gif(request.path, gif_path, overwrite)
@@ -386,10 +422,23 @@ def render_edits(
             inversion_cached=cached,
             seconds=time.perf_counter() - started,
         )
-        record["edits"].append(asdict(result) | {"settings": request.settings.to_dict(), "output": output.to_dict()})
+        entry = asdict(result) | {"settings": settings.to_dict(), "output": output.to_dict()}
+        if candidates:
+            entry |= {"candidates": candidates, "chosen": chosen, "rerank_axes": list(realign.RERANK_AXES)}
+        record["edits"].append(entry)
         tuned.run.write_record(record)
         results.append(result)
     return results
+
+
+def _write(frames: np.ndarray, path: Path, record: dict, output: OutputSettings, overwrite: bool):
+    """Write decoded frames as `output` asks (size, rate, the source's audio); (frames written, fps, audio)."""
+    if output.size == "source":
+        region = videos.source_region(record["video"]["width"], record["video"]["height"], frames.shape[2:0:-1])
+        frames = videos.resize_frames(frames, region)
+    audio, fps = _audio_span(record, output), _output_fps(record, output)
+    videos.write_video(frames, path, fps, audio, overwrite)
+    return frames, fps, audio
 
 
 def edit_run(
@@ -404,7 +453,7 @@ def edit_run(
     progress: Progress | None = None,
 ) -> list[EditResult]:
     """Edit a tuned run towards each target with one model load; then the composites `output` asks for."""
-    paths = output_paths(run, targets, out, output, overwrite)
+    paths = output_paths(run, targets, out, output, overwrite, settings.candidates)
     tuned = load_tuned(run, device, precision)
     requests = [EditRequest(target, settings, path) for target, path in zip(targets, paths, strict=True)]
     results = render_edits(tuned, requests, output, overwrite, progress)

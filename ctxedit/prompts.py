@@ -7,6 +7,7 @@ and its padding up to the tokenizer's length (77 for SD 1.x).
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -97,3 +98,28 @@ def named_words(tokenizer, prompt: str, words: list[str]) -> list[int]:
             raise UsageError(f"--blend word {wanted!r} is not in the prompt {prompt!r}")
         found += positions
     return found
+
+
+_WEIGHTED = re.compile(r"\(([^():]+):\s*([^()]*)\)")
+
+
+def parse_weights(tokenizer, prompt: str) -> tuple[str, dict[int, float]]:
+    """(the prompt without weight syntax, token position -> weight) for prompts like "a (green:1.5) circle"."""
+    plain, weights, end = "", {}, 0
+    for match in _WEIGHTED.finditer(prompt):
+        plain += prompt[end : match.start()]
+        try:
+            weight = float(match.group(2))
+        except ValueError:
+            number = f"weight {match.group(2)!r} in {match.group(0)!r} is not a number"
+            raise UsageError(f"{number}; write e.g. (hat:1.5)") from None
+        if not 0 < weight <= 10:
+            raise UsageError(f"weights must be in (0, 10], got {match.group(0)!r}")
+        first = len(token_ids(tokenizer, plain)) - 1  # after the start token and the words before
+        plain += match.group(1).strip()
+        weights |= dict.fromkeys(range(first, len(token_ids(tokenizer, plain)) - 1), weight)
+        end = match.end()
+    plain += prompt[end:]
+    if "(" in plain or ")" in plain:
+        raise UsageError(f"unbalanced or malformed weight in {prompt!r}: write (word:1.5), or leave out the brackets")
+    return " ".join(plain.split()), weights

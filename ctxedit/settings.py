@@ -14,6 +14,8 @@ CROPS = ("none", "center")
 INVERSION_PROMPTS = ("source", "empty")
 INVERSIONS = ("direct", "plain", "negative")
 BLEND_MODES = ("auto", "off")  # or the words to blend, e.g. "circle" or "man,hat"
+REALIGN_MODES = ("auto", "off")
+SCORERS = ("attention", "caption", "clip")
 OUTPUT_SIZES = ("processed", "source")
 
 
@@ -90,12 +92,22 @@ class EditSettings:
     keep_words: float = 0.8  # first fraction of the steps where shared words take the source's cross-attention
     blend: str = "auto"  # auto: outside the changed words' region the source stays; off; or words to blend
     strength: float = 1.0  # fraction of the steps inverted and resampled; lower keeps more of the source
+    realign: str = "off"  # auto: the words the target changes get more attention in their region, early
+    candidates: int = 1  # > 1: that many edits that differ (guidance, eta seeds, structure), the best kept
+    scorer: str = "attention"  # text alignment of the candidates: attention | caption | clip
+    scorer_model: str | None = None  # captioner (BLIP, or "shapes") or CLIP model, hub id or folder
     eta: float = 0.0  # 0: deterministic DDIM; > 0 adds seeded noise
     seed: int | None = None  # None: the run's tuning seed
 
     def __post_init__(self) -> None:
         _choice("--inversion-prompt", self.inversion_prompt, INVERSION_PROMPTS)
         _choice("--inversion", self.inversion, INVERSIONS)
+        _choice("--realign", self.realign, REALIGN_MODES)
+        _choice("--scorer", self.scorer, SCORERS)
+        if not 1 <= self.candidates <= 32:
+            raise UsageError(f"--candidates must be between 1 and 32, got {self.candidates}")
+        if self.scorer != "attention" and not self.scorer_model:
+            raise UsageError(f"--scorer {self.scorer} needs --scorer-model (a hub id or a local folder)")
         _at_least("--steps", self.steps, 1)
         _at_least("--guidance", self.guidance, 0)
         if not 0 <= self.eta <= 1:  # above 1, DDIM's sqrt(1 - alpha_prev - sigma^2) can go negative: NaN latents
@@ -128,6 +140,7 @@ class OutputSettings:
     gif: bool = False  # a GIF beside each MP4
     side_by_side: bool = False  # source | edits in one captioned video
     grid: bool = False  # source and edits in a captioned grid, for many targets
+    keep_candidates: bool = False  # with candidates > 1, every candidate beside the chosen edit
 
     def __post_init__(self) -> None:
         _choice("--output-size", self.size, OUTPUT_SIZES)

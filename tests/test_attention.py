@@ -12,6 +12,7 @@ from diffusers import UNet2DConditionModel
 from ctxedit.attention import (
     BLEND_DILATION,
     Plan,
+    Reweighting,
     WordMaps,
     attention_layers,
     blend_mask,
@@ -174,6 +175,28 @@ def test_only_maps_that_single_out_a_region_stand_out():
     peaked = flat.clone()
     peaked[:, 4:8, 9:13] = 0.5  # 2.5x the background level
     assert stands_out(peaked) and not stands_out(flat)
+
+
+def test_reweighting_raises_words_inside_their_region_lowers_them_outside_and_renormalises():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(2 * 2, 3, 8 * 8, 6, generator=g).softmax(-1)  # (b*f, heads, n, tokens): 2 frames, guided
+    region = torch.zeros(2, 16, 16)
+    region[:, :8] = 1  # the top half of the latents
+    reweighting = Reweighting({2: 2.0, 3: 1.0}, region, {500: 1.0, 400: 0.5})
+    out = reweighting.apply(maps, frames=2, timestep=500)
+    assert torch.equal(out[:2], maps[:2])  # the unconditional branch is untouched
+    torch.testing.assert_close(out.sum(-1), torch.ones(4, 3, 64))
+    ratio = (out[2:, ..., 2] / out[2:, ..., 1]) / (maps[2:, ..., 2] / maps[2:, ..., 1])  # token 2 against token 1
+    top, bottom = ratio.reshape(2, 3, 8, 8)[:, :, :4], ratio.reshape(2, 3, 8, 8)[:, :, 4:]
+    torch.testing.assert_close(top, torch.full_like(top, 2.0))  # weight 2 inside the region...
+    torch.testing.assert_close(bottom, torch.full_like(bottom, 0.5))  # ...1/2 outside
+    half = reweighting.apply(maps, frames=2, timestep=400)  # half strength: weight 1.5
+    torch.testing.assert_close(
+        (half[2:, ..., 2] / half[2:, ..., 1])[..., :32], 1.5 * (maps[2:, ..., 2] / maps[2:, ..., 1])[..., :32]
+    )
+    assert reweighting.apply(maps, frames=2, timestep=300) is maps  # faded out: off
+    everywhere = Reweighting({2: 2.0}, None, {500: 1.0}).apply(maps, frames=2, timestep=500)
+    torch.testing.assert_close(everywhere[2:, ..., 2] / everywhere[2:, ..., 1], 2 * maps[2:, ..., 2] / maps[2:, ..., 1])
 
 
 def test_layer_scales_follow_the_unet_levels():

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from ctxedit import video
 from ctxedit.cli import app
 from ctxedit.models.sd import load_sd
+from ctxedit.models.synthetic import write_tiny_clip
 from ctxedit.settings import EditSettings
 
 runner = CliRunner()
@@ -147,6 +148,36 @@ def test_a_portrait_phone_clip_with_variable_frame_rate_and_sound(tiny_model, tm
         sound = np.concatenate([f.to_ndarray().mean(0) for f in container.decode(audio=0)])
         rate = container.streams.audio[0].rate
     assert np.argmax(np.abs(sound) > 0.2) / rate == pytest.approx(1.5 - 1.2, abs=0.02)
+
+
+def test_candidates_are_scored_the_best_kept_and_all_recorded(skiing, tiny_model, tmp_path):
+    succeeds("tune", skiing, "--prompt", "a man is skiing", "--model", tiny_model, *FAST)
+    target = "a man is skiing on the (moon:2)"
+    succeeds("edit", "--target", target, "--steps", "3", "--candidates", "3", "--keep-candidates", "--device", "cpu")
+    entry = json.loads((tmp_path / "runs/man-skiing/run.json").read_text())["edits"][-1]
+    assert entry["target"] == target and entry["settings"]["candidates"] == 3
+    assert [c["changes"] for c in entry["candidates"]] == [{}, {"eta": 0.5, "seed": 34}, {"guidance": 11.25}]
+    assert all(set(c["scores"]) == {"text", "consistency", "preservation"} for c in entry["candidates"])
+    chosen = entry["candidates"][entry["chosen"]]
+    edit, kept = video.probe(tmp_path / entry["path"]), video.probe(tmp_path / chosen["path"])
+    assert np.array_equal(video.read_frames(edit, [0, 3]), video.read_frames(kept, [0, 3]))  # the chosen one
+    (tmp_path / entry["path"]).rename(tmp_path / "moved.mp4")  # the candidates are still there: refused before work
+    fails("edit", "--target", target, "--steps", "3", "--candidates", "3", "--keep-candidates",
+          match="candidates/0.mp4 already exists; pass --overwrite")  # fmt: skip
+    (tmp_path / "moved.mp4").rename(tmp_path / entry["path"])
+
+    scored = json.loads(succeeds("score", "--json", "--device", "cpu").stdout)
+    assert [r["target"] for r in scored] == [target] and scored[0]["scorer"] == "attention"
+    clip_model = write_tiny_clip(tmp_path / "clip")
+    by_clip = json.loads(succeeds("score", entry["path"], "--scorer", "clip", "--scorer-model", clip_model,
+                                  "--json").stdout)  # fmt: skip
+    assert by_clip[0]["preservation"] == scored[0]["preservation"] and by_clip[0]["text"] != scored[0]["text"]
+    record = json.loads((tmp_path / "runs/man-skiing/run.json").read_text())
+    assert set(record["edits"][-1]["scores"]) == {"attention", "clip"}
+    fails("score", "runs/man-skiing/edits/other.mp4", match="is not an edit recorded in runs/man-skiing")
+    fails("score", "--scorer", "clip", match="--scorer clip needs --scorer-model")
+    fails("edit", "--target", "x", "--candidates", "0", match="--candidates must be between 1 and 32", code=2)
+    fails("edit", "--target", "a (moon:x)", match="'x' in '(moon:x)' is not a number", code=2)
 
 
 def test_bad_videos(tiny_model, skiing, car, tmp_path):

@@ -1,5 +1,7 @@
 """Token alignment of a source and a target prompt (Prompt-to-Prompt's replace and refine)."""
 
+import re
+
 import pytest
 from transformers import CLIPTokenizer
 
@@ -54,3 +56,23 @@ def test_words_spanning_several_tokens_are_grouped(letters):
 def test_a_word_the_prompt_lacks_is_a_clear_error(words):
     with pytest.raises(UsageError, match="'hat' is not in the prompt"):
         prompts.named_words(words, SOURCE, ["hat"])
+
+
+def test_prompt_weights_are_parsed_onto_their_tokens(words, letters):
+    assert prompts.parse_weights(words, "a (green:1.5) circle") == ("a green circle", {2: 1.5})
+    assert prompts.parse_weights(words, "a (green circle: 0.8) on a gray background") == (
+        "a green circle on a gray background", {2: 0.8, 3: 0.8},
+    )  # fmt: skip
+    assert prompts.parse_weights(words, "a green circle") == ("a green circle", {})
+    clean, weights = prompts.parse_weights(letters, "a (hat:2) on")  # a word of 3 letter tokens
+    assert clean == "a hat on" and weights == {2: 2.0, 3: 2.0, 4: 2.0}
+    bad = {
+        "a (green:x) circle": "'x' in '(green:x)' is not a number",
+        "a (green circle": "unbalanced or malformed weight",
+        "a (green) circle": "unbalanced or malformed weight",
+        "a green) circle": "unbalanced or malformed weight",
+        "a (green:0) circle": "weights must be in (0, 10]",
+    }
+    for prompt, message in bad.items():
+        with pytest.raises(UsageError, match=re.escape(message)):
+            prompts.parse_weights(words, prompt)

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,6 +75,18 @@ def test_edit_after_reload_equals_edit_in_memory(skiing, tiny_model, tmp_path):
     restored = editing.edit_latents(tuned, source, "spider man", EDIT)
     fresh = editing.edit_latents(editing.load_tuned(run, device="cpu"), source, "spider man", EDIT)
     assert torch.equal(restored, fresh) and not torch.equal(changed, fresh)
+
+
+def test_weight_one_is_bit_for_bit_and_realign_changes_the_edit(skiing, tiny_model, tmp_path):
+    run = tune(skiing, tiny_model, tmp_path / "run")
+    tuned = editing.load_tuned(run, device="cpu")
+    source = editing.source_pass(tuned, EDIT)
+    plain = editing.edit_latents(tuned, source, "a man is skiing on the moon", EDIT)
+    assert torch.equal(plain, editing.edit_latents(tuned, source, "a man is skiing on the (moon:1.0)", EDIT))
+    weighted = editing.edit_latents(tuned, source, "a man is skiing on the (moon:3)", EDIT)
+    realigned = editing.edit_latents(tuned, source, "a man is skiing on the moon", replace(EDIT, realign="auto"))
+    assert not torch.equal(plain, weighted) and not torch.equal(plain, realigned)
+    assert torch.isfinite(weighted).all() and torch.isfinite(realigned).all()
 
 
 def test_trained_parameters_load_strictly(skiing, tiny_model, tmp_path):

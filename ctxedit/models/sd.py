@@ -65,14 +65,12 @@ def _check_folder(folder: Path, name: str) -> None:
         )
 
 
-def _download(model_id: str, fp16: bool) -> Path:
-    """The local snapshot of a hub model (only the SD component files); respects HF_HUB_OFFLINE."""
+def hub_snapshot(model_id: str, patterns: list[str], what: str = "a local diffusers Stable Diffusion folder") -> Path:
+    """The local snapshot of a hub repository's files matching `patterns`; respects HF_HUB_OFFLINE."""
     from huggingface_hub import snapshot_download
 
-    weights = ["*.fp16.safetensors"] if fp16 else ["diffusion_pytorch_model.safetensors", "model.safetensors"]
-    patterns = ["model_index.json"] + [f"{sub}/{f}" for sub in COMPONENTS for f in ["*.json", "*.txt", *weights]]
     try:
-        folder = Path(snapshot_download(model_id, allow_patterns=patterns))
+        return Path(snapshot_download(model_id, allow_patterns=patterns))
     except Exception as error:  # offline, unknown id, gated, network: all mean "not available here"
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         where = (
@@ -82,8 +80,15 @@ def _download(model_id: str, fp16: bool) -> Path:
         )
         raise ModelError(
             f"cannot load model {model_id!r}: {where}; download it once with `hf download {model_id}` "
-            "or pass --model PATH to a local diffusers Stable Diffusion folder"
+            f"or give the path to {what}"
         ) from error
+
+
+def _download(model_id: str, fp16: bool) -> Path:
+    """The local snapshot of a hub model (only the SD component files)."""
+    weights = ["*.fp16.safetensors"] if fp16 else ["diffusion_pytorch_model.safetensors", "model.safetensors"]
+    patterns = ["model_index.json"] + [f"{sub}/{f}" for sub in COMPONENTS for f in ["*.json", "*.txt", *weights]]
+    folder = hub_snapshot(model_id, patterns, "a local diffusers Stable Diffusion folder (--model PATH)")
     if fp16 and not list((folder / "unet").glob("*.safetensors")):
         return _download(model_id, fp16=False)  # the repo has no fp16 variant
     return folder

@@ -122,6 +122,53 @@ def write_tiny_sd(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+CAPTION_WORDS = "a red green blue circle square triangle and on gray background".split()
+
+
+def write_tiny_blip(folder: Path, seed: int = 0, favour: str | None = None) -> Path:
+    """A random tiny BLIP captioning model and its processor (BERT word tokenizer over a few shapes words);
+    `favour` biases its output layer so that it writes that word."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *CAPTION_WORDS]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=40, bos_token_id=5, pad_token_id=0, sep_token_id=3,
+                eos_token_id=3)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
+    if favour is not None:
+        with torch.no_grad():
+            model.text_decoder.cls.predictions.bias[words.index(favour)] += 100.0
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A random tiny CLIP model (vision and text towers) and its processor (the tiny SD model's tokenizer)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    vocab = _character_vocab()
+    end = vocab["<|endoftext|>"]
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=end, pad_token_id=end)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=images, tokenizer=_tokenizer(vocab)).save_pretrained(folder)
+    return folder
+
+
 def random_sd15(device, dtype):
     """SD 1.5's architecture with random weights, as a StableDiffusion (for benchmarks; no download)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

@@ -99,3 +99,11 @@ def shows(frame: np.ndarray, clip: Clip, detections: list[Detection] | None = No
     shape, counted (a duplicate is wrong)."""
     found = detect(frame) if detections is None else detections
     return sorted((d.colour, d.shape) for d in found) == sorted((o.colour, o.shape) for o in clip.objects)
+
+
+def caption(frame: np.ndarray) -> str:
+    """The shapes world's caption of a frame, written from its detections (objects left to right), without motion:
+    "a green circle and a blue square on a gray background"."""
+    objects = sorted(detect(frame), key=lambda d: d.centroid[0])
+    described = " and ".join(f"a {d.colour} {d.shape}" for d in objects) or "nothing"
+    return f"{described} on a {background_of(frame)} background"

@@ -1,0 +1,78 @@
+"""Re-alignment's coarse stage (RealignDiff for video): candidate edits that really differ, scored without ground
+truth (`scoring`), fused by their ranks, the best kept. The fine stage, re-weighting cross-attention, lives in
+`attention.Reweighting` and is switched on by `EditSettings.realign` and prompt weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from ctxedit import prompts, scoring
+from ctxedit.scoring import Scores, fused_ranks
+from ctxedit.settings import EditSettings
+
+# Candidate k >= 1 changes the user's settings one way; eta > 0 draws new noise from its own seed (with eta 0 and
+# an inverted start, seeds alone would change nothing).
+VARIATIONS: tuple[dict, ...] = (
+    {"eta": 0.5},
+    {"guidance": 1.5},  # times the user's
+    {"eta": 1.0},
+    {"keep_structure": -0.2},  # added to the user's, within [0, 1]
+    {"eta": 0.5},
+    {"guidance": 0.67},
+    {"keep_structure": 0.2},
+)
+# The scores shown to track the truth on the shapes world (README, "Re-alignment"): consistency (jitter) and
+# preservation (drift). Text alignment is scored and recorded but not used: the UNet's attention mass tracks the
+# truth backwards there, the caption reward's agreement was not established and CLIP could not be checked.
+RERANK_AXES = ("consistency", "preservation")
+
+
+def candidate_settings(settings: EditSettings, count: int, seed: int) -> list[EditSettings]:
+    """The user's settings first, then `count - 1` variations of them (cycling, each eta draw with a new seed)."""
+    candidates = [settings]
+    for k in range(1, count):
+        change = VARIATIONS[(k - 1) % len(VARIATIONS)]
+        if "eta" in change:
+            candidates.append(replace(settings, eta=change["eta"], seed=seed + k))
+        elif "guidance" in change:
+            candidates.append(replace(settings, guidance=round(settings.guidance * change["guidance"], 3), eta=0.0))
+        else:
+            keep = min(1.0, max(0.0, round(settings.keep_structure + change["keep_structure"], 3)))
+            candidates.append(replace(settings, keep_structure=keep, eta=0.0))
+    return [replace(c, candidates=1) for c in candidates]
+
+
+def best_candidate(scores: list[Scores], axes: tuple[str, ...] = RERANK_AXES) -> int:
+    """Index of the candidate with the best mean rank over `axes` (the first among equals)."""
+    ranks = fused_ranks([s.axes() for s in scores], axes)
+    return min(range(len(ranks)), key=lambda k: ranks[k])
+
+
+class Reranker:
+    """Scores the candidates of an edit and chooses one (`realign.best_candidate`); loads each scorer once."""
+
+    def __init__(self, tuned):
+        self.tuned, self.scorers, self.source = tuned, {}, None
+
+    def choose(self, request, options: list[EditSettings], made: dict[int, np.ndarray]) -> tuple[int, list[dict]]:
+        """(index of the chosen candidate, one record per candidate: what it changed and its scores) for an
+        `editing.EditRequest` whose candidates `options` gave the frames `made`."""
+        from ctxedit.editing import source_frames
+
+        tuned, settings = self.tuned, request.settings
+        key = (settings.scorer, settings.scorer_model)
+        if key not in self.scorers:
+            self.scorers[key] = scoring.text_scorer(*key, tuned.sd, tuned.model, tuned.record["settings"]["prompt"])
+        self.source = source_frames(tuned.record) if self.source is None else self.source
+        target, _ = prompts.parse_weights(tuned.sd.tokenizer, request.target)
+        scores = [scoring.score(made[k], self.source, target, self.scorers[key]) for k in range(len(options))]
+        asked = replace(settings, candidates=1).to_dict()
+        candidates = [
+            {"index": k, "changes": {n: v for n, v in option.to_dict().items() if v != asked[n]},
+             "scores": scores[k].axes()}
+            for k, option in enumerate(options)
+        ]  # fmt: skip
+        return best_candidate(scores), candidates

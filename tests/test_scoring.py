@@ -1,0 +1,93 @@
+"""Scores without ground truth (text alignment, consistency, preservation), their models, and candidate reranking."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from ctxedit import realign, scoring
+from ctxedit.errors import ModelError
+from ctxedit.models.sd import load_sd
+from ctxedit.models.synthetic import write_tiny_blip, write_tiny_clip
+from ctxedit.scoring import Scores
+from ctxedit.settings import EditSettings
+from ctxedit.toy.demo import TOY_MODEL
+from ctxedit.toy.detect import caption
+from ctxedit.toy.world import Clip, Shape
+
+CLIP = Clip(
+    (Shape("circle", "red", 9.0, (16.0, 30.0), "right", 1.5), Shape("square", "blue", 8.0, (46.0, 34.0), "up", 1.0)),
+    "gray",
+)
+
+
+@pytest.fixture(scope="module")
+def source() -> np.ndarray:
+    return CLIP.render()[0]
+
+
+def test_the_shapes_world_captions_what_it_sees(source):
+    assert caption(source[0]) == "a red circle and a blue square on a gray background"
+    recoloured = CLIP.edited(1, colour="yellow", shape="triangle").render()[0]
+    assert caption(recoloured[3]) == "a red circle and a yellow triangle on a gray background"
+
+
+def test_consistency_and_preservation_follow_what_they_name(source):
+    assert scoring.consistency(source, source) == 0 and scoring.preservation(source, source) == pytest.approx(1)
+    flicker = source.astype(int) + np.array([0, 40] * 4)[:, None, None, None]
+    assert scoring.consistency(np.clip(flicker, 0, 255).astype(np.uint8), source) < -0.05
+    recoloured = CLIP.edited(0, colour="green").render()[0]  # the same layout
+    moved = np.roll(source, 10, axis=2)  # the same pictures, elsewhere
+    assert scoring.preservation(recoloured, source) > 0.8 > 0.3 > scoring.preservation(moved, source)
+
+
+def test_caption_reward_prefers_the_target_the_captions_say(source):
+    sd = load_sd(str(TOY_MODEL), torch.device("cpu"), torch.float32)
+    reward = scoring.caption_reward(lambda frames: [caption(f) for f in frames], scoring.text_embedder(sd))
+    right = reward(source, "a red circle moving right and a blue square moving up on a gray background")
+    wrong = reward(source, "a green triangle moving right and a blue square moving up on a gray background")
+    assert right > wrong and right == reward(
+        source, "a red circle moving right and a blue square moving up on a gray background"
+    )
+
+
+def test_tiny_blip_and_clip_load_and_score_deterministically(tiny_model, source, tmp_path):
+    captioner = scoring.blip_captioner(str(write_tiny_blip(tmp_path / "blip", favour="green")), torch.device("cpu"))
+    captions = captioner(scoring.sampled(source))
+    assert len(captions) == scoring.CAPTION_FRAMES and all(c.split()[0] == "green" for c in captions)
+    text_score, frame_consistency = scoring.clip_scorer(str(write_tiny_clip(tmp_path / "clip")), torch.device("cpu"))
+    green, red = text_score(source, "a green circle"), text_score(source, "a red square")
+    assert green != red and green == text_score(source, "a green circle")
+    assert frame_consistency(np.repeat(source[:1], 4, 0)) == pytest.approx(100, abs=1e-3)
+    assert frame_consistency(source) < 100
+    with pytest.raises(ModelError, match="scorer model folder ./nowhere does not exist"):
+        scoring.clip_scorer("./nowhere", torch.device("cpu"))
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE"):
+        scoring.blip_captioner("nobody/no-such-captioner", torch.device("cpu"))
+    with pytest.raises(ModelError, match="cannot load .* as CLIPModel"):
+        scoring.clip_scorer(str(tiny_model / "unet"), torch.device("cpu"))
+
+
+def test_attention_mass_is_a_share_of_the_words(tiny_model, source):
+    from ctxedit.models.inflate import VideoUNet
+
+    sd = load_sd(str(tiny_model), torch.device("cpu"), torch.float32)
+    model = VideoUNet(sd.unet)
+    frames = source[:3, :32, :32]
+    mass = scoring.attention_mass(sd, model, frames, "a green circle", [3, 4, 5, 6, 7])
+    assert 0 < mass < 1 and mass == scoring.attention_mass(sd, model, frames, "a green circle", [3, 4, 5, 6, 7])
+    assert scoring.attention_mass(sd, model, frames, "a green circle", []) == 0
+    assert model.control.word_maps is None  # the UNet is left as it was
+
+
+def test_ranks_are_fused_and_candidates_differ():
+    scores = [Scores(0.5, -0.1, 0.9), Scores(0.7, -0.2, 0.8), Scores(0.7, -0.1, 0.95)]
+    assert scoring.fused_ranks([s.axes() for s in scores], ("text",)) == [2.0, 0.5, 0.5]  # a tie shares its ranks
+    assert realign.best_candidate(scores, ("text", "preservation")) == 2
+    assert realign.best_candidate(scores) == 2  # by consistency and preservation: as steady as 0, better kept
+    settings = EditSettings(candidates=8, seed=None)
+    options = realign.candidate_settings(settings, 8, seed=33)
+    assert options[0] == replace(settings, candidates=1) and len(set(options)) == 8
+    assert {o.seed for o in options if o.eta > 0} == {34, 36, 38}  # every eta draw its own noise
+    assert {o.guidance for o in options} == {7.5, 11.25, 5.025} and {o.keep_structure for o in options} >= {0.2, 0.6}
