@@ -247,9 +247,15 @@ def _blend_tokens(tokenizer, source: str, target: str, settings: EditSettings) -
 
 @torch.no_grad()
 def edit_latents(
-    tuned: Tuned, source: SourcePass, target: str, settings: EditSettings, progress: Progress | None = None
+    tuned: Tuned,
+    source: SourcePass,
+    target: str,
+    settings: EditSettings,
+    progress: Progress | None = None,
+    label: str | None = None,
 ) -> torch.Tensor:
-    """Contextual DDIM sampling from the inverted source towards `target`, steered by the source pass."""
+    """Contextual DDIM sampling from the inverted source towards `target`, steered by the source pass; progress
+    events carry `label` (default: the target)."""
     sd, control = tuned.sd, tuned.model.control
     sampler, _ = _schedulers(tuned, settings.steps)
     target, weights = prompts.parse_weights(sd.tokenizer, target)
@@ -302,7 +308,7 @@ def edit_latents(
             generator=generator,
             start=start,
             guide=guide,
-            callback=_stage(progress, "edit", target),
+            callback=_stage(progress, "edit", label or target),
         )
     finally:
         control.reset()
@@ -398,7 +404,7 @@ def render_edits(
             source = passes[keys[k]]
             cached, source.cached = cached and source.cached, True
             label = request.target if len(options) == 1 else f"{request.target} ({k + 1}/{len(options)})"
-            latents = edit_latents(tuned, source, request.target, options[k], progress)
+            latents = edit_latents(tuned, source, request.target, options[k], progress, label)
             made[k] = tuned.sd.decode_latents(latents, _stage(progress, "decode", label))
         chosen, candidates = reranker.choose(request, options, made) if len(options) > 1 else (0, [])
         if output.keep_candidates:

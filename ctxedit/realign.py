@@ -26,7 +26,8 @@ VARIATIONS: tuple[dict, ...] = (
 )
 # The scores shown to track the truth on the shapes world (README, "Re-alignment"): consistency (jitter) and
 # preservation (drift). Text alignment is scored and recorded but not used: the UNet's attention mass tracks the
-# truth backwards there, the caption reward's agreement was not established and CLIP could not be checked.
+# truth backwards there, the caption reward tracks it but fused with these two picked no better, and CLIP could
+# not be checked.
 RERANK_AXES = ("consistency", "preservation")
 
 

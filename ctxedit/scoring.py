@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ctxedit.errors import ModelError
 
 TextScorer = Callable[[np.ndarray, str], float]
-CAPTION_FRAMES = 4  # frames captioned per edit, spread over the clip
+CAPTION_FRAMES = 8  # frames captioned per edit, spread over the clip (all of an 8-frame clip: a wrong one counts)
 ATTENTION_TIMESTEPS = (100, 250)  # late denoising: the picture is formed, the words point at what is there
 
 
