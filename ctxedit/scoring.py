@@ -238,12 +238,9 @@ def score_run(
     from ctxedit.editing import load_tuned, source_frames
     from ctxedit.errors import UsageError
     from ctxedit.prompts import parse_weights
-    from ctxedit.settings import SCORERS
+    from ctxedit.settings import check_scorer
 
-    if scorer not in SCORERS:
-        raise UsageError(f"unknown --scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
-    if scorer != "attention" and not scorer_model:
-        raise UsageError(f"--scorer {scorer} needs --scorer-model (a hub id or a local folder)")
+    check_scorer(scorer, scorer_model)
     record = run.require_tuned()
     latest = {str(Path(e["path"]).resolve()): e for e in record["edits"]}  # a re-made edit: its last entry
     chosen = [str(p.resolve()) for p in edits] if edits else list(latest)

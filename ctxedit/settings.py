@@ -28,6 +28,13 @@ def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
         raise UsageError(f"unknown {flag} {value!r}; choose one of {', '.join(allowed)}")
 
 
+def check_scorer(scorer: str, model: str | None) -> None:
+    """A known text scorer, with the model it needs (caption and clip load one)."""
+    _choice("--scorer", scorer, SCORERS)
+    if scorer != "attention" and not model:
+        raise UsageError(f"--scorer {scorer} needs --scorer-model (a hub id or a local folder)")
+
+
 def _at_least(flag: str, value: float, low: float) -> None:
     if not (math.isfinite(value) and value >= low):
         raise UsageError(f"{flag} must be a number >= {low}, got {value}")
@@ -103,11 +110,9 @@ class EditSettings:
         _choice("--inversion-prompt", self.inversion_prompt, INVERSION_PROMPTS)
         _choice("--inversion", self.inversion, INVERSIONS)
         _choice("--realign", self.realign, REALIGN_MODES)
-        _choice("--scorer", self.scorer, SCORERS)
+        check_scorer(self.scorer, self.scorer_model)
         if not 1 <= self.candidates <= 32:
             raise UsageError(f"--candidates must be between 1 and 32, got {self.candidates}")
-        if self.scorer != "attention" and not self.scorer_model:
-            raise UsageError(f"--scorer {self.scorer} needs --scorer-model (a hub id or a local folder)")
         _at_least("--steps", self.steps, 1)
         _at_least("--guidance", self.guidance, 0)
         if not 0 <= self.eta <= 1:  # above 1, DDIM's sqrt(1 - alpha_prev - sigma^2) can go negative: NaN latents
