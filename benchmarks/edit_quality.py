@@ -122,8 +122,9 @@ def edits_for(clip: Clip, rng: np.random.Generator) -> list[tuple[str, int, Clip
     ]
 
 
-def method_model(sd: StableDiffusion, method: Method, x0, text, seed: int, tune_steps: int):
-    """(sd with the method's UNet, model, adapter, shift) ready to invert and sample."""
+def method_model(sd: StableDiffusion, method: Method, x0, text, seed: int, tune_steps: int, kept_path=None):
+    """(sd with the method's UNet, model, adapter, shift) ready to invert and sample; with `kept_path` (as
+    `Run.weights_path`) the parameters every 50 tuning steps are kept there."""
     sd = replace(sd, unet=copy.deepcopy(sd.unet))
     shift = ShiftSchedule(method.context, method.context_scale)
     if not method.inflated:
@@ -132,10 +133,11 @@ def method_model(sd: StableDiffusion, method: Method, x0, text, seed: int, tune_
     if method.tuned:
         settings = TuneSettings(
             prompt="-", steps=tune_steps, seed=seed, context=method.context, context_scale=method.context_scale,
-            lr=TUNING["lr"], adapter_lr=method.adapter_lr, checkpoint_every=10**9,
+            lr=TUNING["lr"], adapter_lr=method.adapter_lr, checkpoint_every=50 if kept_path else 10**9,
+            keep_checkpoints=kept_path is not None,
         )  # fmt: skip
         with tempfile.TemporaryDirectory() as folder:
-            tune(model, adapter, x0, text, sd, settings, Path(folder) / "checkpoint.pt")
+            tune(model, adapter, x0, text, sd, settings, Path(folder) / "checkpoint.pt", kept_path=kept_path)
     return sd, model, adapter, shift
 
 

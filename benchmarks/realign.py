@@ -65,20 +65,21 @@ TRUTH = {  # score -> the truth it should track (higher is better for both)
 }
 
 
-def run_clip(sd, clip, edits, count: int, tune_steps: int, steps: int) -> list[dict]:
+def run_clip(sd, clip, edits, count: int, tune_steps: int, steps: int, realigns: list[str]) -> list[dict]:
     source_frames, _ = clip.render()
     x0, text = sd.encode_frames(source_frames), sd.encode_text([clip.caption])
-    sd, model, adapter, shift = method_model(sd, Method("ContextDiff"), x0, text, 0, tune_steps)
     captions = scoring.caption_reward(lambda frames: [caption(f) for f in frames], scoring.text_embedder(sd))
     rows, passes, pass_seconds = [], {}, {}
     with tempfile.TemporaryDirectory() as folder:
         run = Run(Path(folder))
+        sd, model, adapter, shift = method_model(sd, Method("ContextDiff"), x0, text, 0, tune_steps, run.weights_path)
         save_trained(run.tuned_path, model, adapter)
         tuned = editing.Tuned(run, {"settings": {"seed": 0, "prompt": clip.caption}}, sd, model, adapter, shift, x0,
                               text)  # fmt: skip
-        for realign in ("off", "auto"):
+        for realign in realigns:
             base = EditSettings(steps=steps, guidance=GUIDANCE, seed=0, realign=realign)
-            for k, settings in enumerate(candidate_settings(base, count, seed=0)):
+            asked = base.to_dict()
+            for k, settings in enumerate(candidate_settings(base, count, 0, run.kept_steps(), adapter is not None)):
                 key = replace(settings, eta=0.0, seed=None, realign="off")  # what the source pass depends on
                 if key not in passes:
                     started = time.perf_counter()
@@ -93,7 +94,9 @@ def run_clip(sd, clip, edits, count: int, tune_steps: int, steps: int) -> list[d
                     truth = asdict(score_edit(clip, target, index, source_frames, frames))
                     rows.append({
                         "clip": clip.caption, "objects": len(clip.objects), "kind": kind, "realign": realign,
-                        "candidate": k, "seconds": seconds, "pass": list(passes).index(key),
+                        "candidate": k, "seconds": seconds,
+                        "changes": {n: v for n, v in settings.to_dict().items() if v != asked[n] and n != "seed"},
+                        "pass": list(passes).index(key),
                         "pass_seconds": pass_seconds[key] / len(edits), **truth,
                         "caption": captions(frames, target.caption),
                         "attention": scoring.attention_mass(sd, model, frames, target.caption, changed),
@@ -176,6 +179,8 @@ def stages(rows: list[dict], count: int, axes: tuple[str, ...]) -> tuple[str, li
     lines = ["| stage | attribute | binding (2 objects) | exact frames | drift px | jitter px | s per edit |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, chosen in picks:
+        if not chosen:
+            continue  # a re-weighting mode not run
         rows_ = [r for r, _ in chosen]
         cells = [interval([r[k] for r in rows_]) for k in ("attribute", "binding", "exact", "drift_mean", "jitter")]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean([s for _, s in chosen]):.1f} |")
@@ -199,31 +204,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="clips' seed (2024: development clips)")
+    parser.add_argument("--realign", default="off,auto", help="re-weighting modes to run, comma-separated")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true", help="re-analyse realign.json without editing")
     args = parser.parse_args()
-    raw = args.out / "realign.json"
+    name = "realign" if args.seed == HELD_OUT_SEED else f"realign-{args.seed}"
+    raw = args.out / f"{name}.json"
     if args.report_only:
         saved = json.loads(raw.read_text())
         print(report(saved["rows"], saved["header"], saved["candidates"]))
         return
-    rng = np.random.default_rng(HELD_OUT_SEED)
+    rng = np.random.default_rng(args.seed)
+    kind = "held-out" if args.seed == HELD_OUT_SEED else "development"
     jobs = []
     for i in range(args.clips):
         clip = random_clip(rng, frames=8, objects=1 + i % 2)
-        jobs.append((clip, edits_for(clip, rng), args.candidates, args.tune_steps, args.steps))
+        jobs.append((clip, edits_for(clip, rng), args.candidates, args.tune_steps, args.steps, args.realign.split(",")))
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
     for done, clip_rows, minutes in in_workers(run_clip, jobs, args.device, args.jobs):
         rows += clip_rows
         print(f"clip {done}/{args.clips} done, {minutes:.1f} min", flush=True)
         header = (
-            f"{done} of {args.clips} held-out clips (seed {HELD_OUT_SEED}) x 3 edits, ContextDiff tuned "
-            f"{args.tune_steps} steps, {args.steps} DDIM steps, guidance {GUIDANCE:g}, {args.candidates} "
-            f"candidates per edit, {machine(args.device)}, {args.jobs} process(es), {minutes:.0f} min"
+            f"{done} of {args.clips} {kind} clips (seed {args.seed}) x 3 edits, ContextDiff tuned "
+            f"{args.tune_steps} steps (parameters kept every 50), {args.steps} DDIM steps, guidance {GUIDANCE:g}, "
+            f"{args.candidates} candidates per edit, {machine(args.device)}, {args.jobs} process(es), {minutes:.0f} min"
         )
         raw.write_text(json.dumps({"header": header, "candidates": args.candidates, "rows": rows}))
-        (args.out / "realign.md").write_text(report(rows, header, args.candidates))
+        (args.out / f"{name}.md").write_text(report(rows, header, args.candidates))
     print(report(rows, header, args.candidates))
 
 

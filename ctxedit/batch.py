@@ -20,6 +20,7 @@ from ctxedit.errors import CtxEditError, Interrupted, RunError, UsageError, Vide
 from ctxedit.files import atomic_path, remove_temporaries, sha256_of
 from ctxedit.presets import Job
 from ctxedit.runs import Progress, Run
+from ctxedit.settings import EditSettings, OutputSettings, recorded_settings
 
 STATUSES = ("done", "skipped", "failed")
 
@@ -108,11 +109,11 @@ def edits_to_do(run: Run, job: Job, record: dict, overwrite: bool) -> list:
     for spec in job.edits:
         path = run.edit_path(spec.name)
         entry = entries.get(path.name)
-        same = entry is not None and (entry["target"], entry["settings"], entry.get("output")) == (
-            spec.target,
-            spec.settings.to_dict(),
-            job.output.to_dict(),
-        )
+        same = entry is not None and (
+            entry["target"],
+            recorded_settings(EditSettings, entry["settings"]),
+            recorded_settings(OutputSettings, entry.get("output", {})),
+        ) == (spec.target, spec.settings.to_dict(), job.output.to_dict())
         if same and path.exists():
             continue
         if entry is not None and not same and path.exists() and not overwrite:

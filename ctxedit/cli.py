@@ -158,6 +158,16 @@ def tune(
     ] = TuneSettings.context,
     context_scale: Annotated[float, typer.Option(help="Scale of the context shift.")] = TuneSettings.context_scale,
     seed: Annotated[int, typer.Option(help="Seed of initialization, timesteps and noise.")] = TuneSettings.seed,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Steps between resumable checkpoints.")
+    ] = TuneSettings.checkpoint_every,
+    keep_checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--keep-checkpoints",
+            help="Keep the parameters of every checkpoint (edit --checkpoint STEP; more different --candidates).",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     resume: Annotated[
@@ -170,6 +180,7 @@ def tune(
     settings = TuneSettings(
         prompt=prompt, frames=frames, stride=stride, start=start, size=size, crop=crop, steps=steps, lr=lr,
         adapter_lr=adapter_lr, context=context, context_scale=context_scale, seed=seed,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
     )  # fmt: skip
     from ctxedit.runs import Run, default_run
     from ctxedit.tuning import tune_video
@@ -240,8 +251,8 @@ def edit(
     candidates: Annotated[
         int,
         typer.Option(
-            help="Make this many edits that differ (eta seeds, guidance, structure); keep the steadiest and "
-            "best preserved."
+            help="Make this many edits that differ (eta seeds, guidance, structure, context scale, kept "
+            "checkpoints); keep the steadiest and best preserved."
         ),
     ] = EditSettings.candidates,
     scorer: ScorerOpt = EditSettings.scorer,
@@ -249,6 +260,16 @@ def edit(
     keep_candidates: Annotated[
         bool, typer.Option("--keep-candidates", help="Write every candidate beside the chosen edit.")
     ] = False,
+    context_scale: Annotated[
+        float, typer.Option(help="Times the tuned context shift, in inversion and sampling.")
+    ] = EditSettings.context_scale,
+    checkpoint: Annotated[
+        int | None,
+        typer.Option(
+            help="Edit with the parameters kept after this tuning step (tune --keep-checkpoints). [default: the end]",
+            show_default=False,
+        ),
+    ] = None,
     eta: Annotated[float, typer.Option(help="DDIM eta; 0 is deterministic, > 0 adds seeded noise.")] = EditSettings.eta,
     seed: Annotated[
         int | None, typer.Option(help="Seed of the eta noise. [default: the run's seed]", show_default=False)
@@ -273,7 +294,8 @@ def edit(
     settings = EditSettings(
         steps=steps, guidance=guidance, inversion_prompt=inversion_prompt, inversion=inversion,
         keep_structure=keep_structure, keep_words=keep_words, blend=blend, strength=strength, realign=realign,
-        candidates=candidates, scorer=scorer, scorer_model=scorer_model, eta=eta, seed=seed,
+        candidates=candidates, scorer=scorer, scorer_model=scorer_model, context_scale=context_scale,
+        checkpoint=checkpoint, eta=eta, seed=seed,
     )  # fmt: skip
     output = OutputSettings(
         size=output_size, fps=fps, gif=gif, side_by_side=side_by_side, grid=grid, keep_candidates=keep_candidates
@@ -453,6 +475,8 @@ def info(run: RunOpt = "latest", json_out: JsonOpt = False) -> None:
         table.add_row("tuning", f"{tuning['steps_done']} steps, loss {loss['first']:.4f} -> {loss['last']:.4f}{state}")
     else:
         table.add_row("tuning", "not finished" + (" (resumable)" if run_dir.checkpoint_path.exists() else ""))
+    if run_dir.kept_steps():
+        table.add_row("kept checkpoints", "after steps " + ", ".join(map(str, run_dir.kept_steps())))
     table.add_row("timings", ", ".join(f"{k}={v:.2f}" for k, v in record["timings"].items()))
     for edit in record["edits"]:
         table.add_row("edit", f"{edit['target']!r} -> {edit['path']} ({edit['seconds']:.1f} s)")

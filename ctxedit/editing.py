@@ -51,6 +51,19 @@ class Tuned:
     shift: ShiftSchedule
     x0: torch.Tensor  # (1, f, c, h, w) source latents
     source_text: torch.Tensor  # (1, tokens, dim)
+    weights: int | None = None  # the tuning step whose parameters are loaded (a kept checkpoint); None: the end
+
+
+def use_weights(tuned: Tuned, step: int | None) -> None:
+    """Load the parameters after tuning step `step` (None: the finished tuning) unless they are loaded."""
+    if tuned.weights != step:
+        load_trained(tuned.run.weights_path(step), tuned.model, tuned.adapter)
+        tuned.weights = step
+
+
+def shift_of(tuned: Tuned, settings: EditSettings) -> ShiftSchedule:
+    """The tuned context shift, scaled by the edit's `context_scale`."""
+    return replace(tuned.shift, scale=tuned.shift.scale * settings.context_scale)
 
 
 @dataclass
@@ -105,7 +118,8 @@ def inversion_key(tuned: Tuned, settings: EditSettings) -> str:
     key = {
         "steps": settings.steps,
         "prompt": settings.inversion_prompt,
-        "tuned": sha256_of(tuned.run.tuned_path),
+        "tuned": sha256_of(tuned.run.weights_path(settings.checkpoint)),
+        "shift": asdict(shift_of(tuned, settings)) if tuned.adapter is not None else None,
         "runtime": [tuned.sd.device.type, str(tuned.sd.dtype)],
         "stored": "trajectory",  # the whole ordinary trajectory, not only its end
     }
@@ -144,8 +158,9 @@ def invert_source(tuned: Tuned, settings: EditSettings, progress: Progress | Non
     _, inverse = _schedulers(tuned, settings.steps)
     text = tuned.source_text if settings.inversion_prompt == "source" else tuned.sd.encode_text([""])
     trajectory = diffusion.invert(
-        predictor(tuned, text), tuned.x0, inverse, _source_context(tuned), tuned.shift, _stage(progress, "invert")
-    )
+        predictor(tuned, text), tuned.x0, inverse, _source_context(tuned), shift_of(tuned, settings),
+        _stage(progress, "invert"),
+    )  # fmt: skip
     with atomic_path(path) as tmp:
         save_file({"trajectory": trajectory.contiguous().cpu()}, str(tmp))
     return trajectory, False
@@ -197,6 +212,7 @@ def _uncond(tuned: Tuned, settings: EditSettings) -> torch.Tensor:
 def source_pass(tuned: Tuned, settings: EditSettings, progress: Progress | None = None) -> SourcePass:
     """Invert the source (or load it), then, if the settings use any, walk its trajectory once with the source
     prompt guided like the edits: direct inversion's corrections, the records to inject, the word maps."""
+    use_weights(tuned, settings.checkpoint)
     trajectory, cached = invert_source(tuned, settings, progress)
     sampler, _ = _schedulers(tuned, settings.steps)
     source_tokens = len(prompts.token_ids(tuned.sd.tokenizer, tuned.record["settings"]["prompt"]))
@@ -213,7 +229,7 @@ def source_pass(tuned: Tuned, settings: EditSettings, progress: Progress | None 
     try:
         source = predictor(tuned, tuned.source_text, _uncond(tuned, settings), settings.guidance)
         corrections = diffusion.reconstruction_corrections(
-            source, trajectory, sampler, _context_of(tuned, tuned.source_text), tuned.x0, tuned.shift,
+            source, trajectory, sampler, _context_of(tuned, tuned.source_text), tuned.x0, shift_of(tuned, settings),
             settings.first_step, _stage(progress, "source"),
         )  # fmt: skip
         store, word_maps = control.store, control.word_maps
@@ -257,6 +273,7 @@ def edit_latents(
     """Contextual DDIM sampling from the inverted source towards `target`, steered by the source pass; progress
     events carry `label` (default: the target)."""
     sd, control = tuned.sd, tuned.model.control
+    use_weights(tuned, settings.checkpoint)
     sampler, _ = _schedulers(tuned, settings.steps)
     target, weights = prompts.parse_weights(sd.tokenizer, target)
     text = sd.encode_text([target])
@@ -303,7 +320,7 @@ def edit_latents(
             sampler,
             _context_of(tuned, text),
             tuned.x0,
-            tuned.shift,
+            shift_of(tuned, settings),
             eta=settings.eta,
             generator=generator,
             start=start,
@@ -384,9 +401,14 @@ def render_edits(
     (and candidates) with the same source-pass settings in a row share one source pass (the first one's time
     includes it). With `candidates` > 1 each candidate is scored and the best by fused ranks is the edit."""
     record = tuned.record
-    for request in requests:  # a --blend word in neither prompt or a malformed weight fails before any work
+    kept = tuned.run.kept_steps()
+    for request in requests:  # a --blend word in neither prompt, a malformed weight, ... fail before any work
         target, _ = prompts.parse_weights(tuned.sd.tokenizer, request.target)
         _blend_tokens(tuned.sd.tokenizer, record["settings"]["prompt"], target, request.settings)
+        step = request.settings.checkpoint
+        if step is not None and step not in kept:
+            offer = f"kept: {', '.join(map(str, kept))}" if kept else "tune with --keep-checkpoints to keep some"
+            raise UsageError(f"--checkpoint {step}: {tuned.run.root} kept no parameters after step {step} ({offer})")
     passes: dict[EditSettings, SourcePass] = {}  # the last one only: SD 1.5's holds ~825 MiB of records
     reranker = realign.Reranker(tuned)
     results = []
@@ -394,7 +416,7 @@ def render_edits(
         started = time.perf_counter()
         settings = request.settings
         seed = settings.seed if settings.seed is not None else record["settings"]["seed"]
-        options = realign.candidate_settings(settings, settings.candidates, seed)
+        options = realign.candidate_settings(settings, settings.candidates, seed, kept, tuned.adapter is not None)
         keys = [_source_key(option) for option in options]
         made: dict[int, np.ndarray] = {}
         cached = True

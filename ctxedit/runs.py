@@ -5,6 +5,7 @@ runs/<video-stem>/
   source.safetensors     VAE latents of the frames and the source prompt's text states (computed once)
   tuned.safetensors      the trained UNet parameters and the context adapter, nothing else
   checkpoint.pt          tuning state for --resume (removed when tuning finishes)
+  checkpoints/step-<n>.safetensors   trained parameters after step n (tune --keep-checkpoints)
   inversions/<key>.safetensors   inverted latents, keyed by every setting they depend on
   edits/<slug>.mp4       the edited videos
 """
@@ -60,6 +61,19 @@ class Run:
     @property
     def checkpoint_path(self) -> Path:
         return self.root / "checkpoint.pt"
+
+    @property
+    def kept_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    def weights_path(self, step: int | None = None) -> Path:
+        """The trained parameters after tuning step `step` (a kept checkpoint), or at the end (None)."""
+        return self.tuned_path if step is None else self.kept_dir / f"step-{step}.safetensors"
+
+    def kept_steps(self) -> list[int]:
+        """The tuning steps whose parameters were kept (tune --keep-checkpoints), in order."""
+        names = (path.stem.removeprefix("step-") for path in self.kept_dir.glob("step-*.safetensors"))
+        return sorted(int(name) for name in names if name.isdigit())
 
     def inversion_path(self, key: str) -> Path:
         return self.root / "inversions" / f"{key}.safetensors"

@@ -40,6 +40,11 @@ def _at_least(flag: str, value: float, low: float) -> None:
         raise UsageError(f"{flag} must be a number >= {low}, got {value}")
 
 
+def recorded_settings(cls: type, values: dict) -> dict:
+    """Settings as recorded, with the defaults of the settings `cls` gained since."""
+    return {f.name: values.get(f.name, f.default) for f in fields(cls)}
+
+
 @dataclass(frozen=True)
 class TuneSettings:
     prompt: str  # the source caption, e.g. "a man is skiing"
@@ -57,6 +62,7 @@ class TuneSettings:
     weight_decay: float = 1e-2  # AdamW, as Tune-A-Video
     max_grad_norm: float = 1.0  # clipped per group: UNet and adapter separately
     checkpoint_every: int = 50  # steps between resumable checkpoints
+    keep_checkpoints: bool = False  # also keep the parameters of every checkpoint (edit --checkpoint, candidates)
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -76,11 +82,13 @@ class TuneSettings:
         return asdict(self)
 
     def differences(self, recorded: dict, ignore: tuple[str, ...] = ("steps",)) -> list[str]:
-        """Settings that differ from a recorded run, as 'name: recorded -> now'."""
+        """Settings that differ from a recorded run, as 'name: recorded -> now' (a setting recorded before it
+        existed counts as its default)."""
+        recorded = recorded_settings(type(self), recorded)
         return [
-            f"{f.name}: {recorded.get(f.name)!r} -> {getattr(self, f.name)!r}"
+            f"{f.name}: {recorded[f.name]!r} -> {getattr(self, f.name)!r}"
             for f in fields(self)
-            if f.name not in ignore and recorded.get(f.name) != getattr(self, f.name)
+            if f.name not in ignore and recorded[f.name] != getattr(self, f.name)
         ]
 
 
@@ -100,9 +108,11 @@ class EditSettings:
     blend: str = "auto"  # auto: outside the changed words' region the source stays; off; or words to blend
     strength: float = 1.0  # fraction of the steps inverted and resampled; lower keeps more of the source
     realign: str = "off"  # auto: the words the target changes get more attention in their region, early
-    candidates: int = 1  # > 1: that many edits that differ (guidance, eta seeds, structure), the best kept
+    candidates: int = 1  # > 1: that many edits that differ (eta seeds, guidance, structure, context, checkpoint)
     scorer: str = "attention"  # text alignment of the candidates: attention | caption | clip
     scorer_model: str | None = None  # captioner (BLIP, or "shapes") or CLIP model, hub id or folder
+    context_scale: float = 1.0  # times the tuned context shift, in inversion and sampling alike
+    checkpoint: int | None = None  # the parameters after this tuning step (tune --keep-checkpoints); None: the end
     eta: float = 0.0  # 0: deterministic DDIM; > 0 adds seeded noise
     seed: int | None = None  # None: the run's tuning seed
 
@@ -115,6 +125,9 @@ class EditSettings:
             raise UsageError(f"--candidates must be between 1 and 32, got {self.candidates}")
         _at_least("--steps", self.steps, 1)
         _at_least("--guidance", self.guidance, 0)
+        _at_least("--context-scale", self.context_scale, 0)
+        if self.checkpoint is not None:
+            _at_least("--checkpoint", self.checkpoint, 1)
         if not 0 <= self.eta <= 1:  # above 1, DDIM's sqrt(1 - alpha_prev - sigma^2) can go negative: NaN latents
             raise UsageError(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {self.eta}")
         _fraction("--keep-structure", self.keep_structure)

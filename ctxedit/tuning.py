@@ -123,8 +123,10 @@ def tune(
     settings: TuneSettings,
     checkpoint: Path,
     progress: Progress | None = None,
+    kept_path: Callable[[int], Path] | None = None,
 ) -> TuneLog:
-    """Tune the trainable UNet parameters and the adapter; resumes from `checkpoint` when it exists.
+    """Tune the trainable UNet parameters and the adapter; resumes from `checkpoint` when it exists. With
+    `settings.keep_checkpoints`, the parameters at every periodic checkpoint are also saved to `kept_path(step)`.
 
     Ctrl-C takes effect between steps: the step under way finishes, the checkpoint is saved and Interrupted
     raised, so a resumed run is bit-identical to an uninterrupted one (a second Ctrl-C stops at once and keeps
@@ -166,7 +168,10 @@ def tune(
                 if progress:
                     progress(ProgressEvent("tune", step + 1, settings.steps, loss=losses[-1]))
                 stop = interrupted()
-                if stop or ((step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps):
+                periodic = (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps
+                if periodic and settings.keep_checkpoints and kept_path is not None:
+                    save_trained(kept_path(step + 1), model, adapter)
+                if stop or periodic:
                     save()
                     saved = step + 1
                 if stop:
@@ -204,6 +209,7 @@ def _clear_caches(run: Run) -> None:
     for stale in (run.tuned_path, run.checkpoint_path, run.source_path):
         stale.unlink(missing_ok=True)
     shutil.rmtree(run.root / "inversions", ignore_errors=True)
+    shutil.rmtree(run.kept_dir, ignore_errors=True)
 
 
 def _describe_source(video: Path, info: videos.VideoInfo) -> dict:
@@ -308,7 +314,7 @@ def tune_video(
     }
     run.write_record(record)
 
-    log = tune(model, adapter, x0, text, sd, settings, run.checkpoint_path, progress)
+    log = tune(model, adapter, x0, text, sd, settings, run.checkpoint_path, progress, run.weights_path)
     losses = log.losses
     save_trained(run.tuned_path, model, adapter)
     run.checkpoint_path.unlink(missing_ok=True)

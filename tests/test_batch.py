@@ -197,6 +197,17 @@ def test_batch_runs_resumes_isolates_failures_and_writes_outputs(tmp_path, skiin
     again = json.loads(ctxedit("batch", path, "--device", "cpu", "--json").stdout)
     assert [o["status"] for o in again["jobs"]] == ["skipped", "failed", "skipped", "skipped", "skipped"]
     assert stamps == {p: p.stat().st_mtime_ns for p in ski.glob("*.mp4")}
+    # ...nor for a run recorded before the newest settings existed (they count as their defaults).
+    record_path = tmp_path / "runs/mix/ski/run.json"
+    record = json.loads(record_path.read_text())
+    del record["settings"]["keep_checkpoints"]
+    for entry in record["edits"]:
+        del entry["settings"]["context_scale"], entry["settings"]["checkpoint"]
+    record_path.write_text(json.dumps(record))
+    old = json.loads(ctxedit("batch", path, "--only", "ski", "--device", "cpu", "--json").stdout)
+    assert [o["status"] for o in old["jobs"]] == ["skipped"] and stamps == {
+        p: p.stat().st_mtime_ns for p in ski.glob("*.mp4")
+    }
 
     # A changed edit setting is refused without --overwrite (nothing lost), redone with it; tuning is kept.
     jobs[0]["edits"][1]["guidance"] = 6.0

@@ -151,7 +151,10 @@ def test_a_portrait_phone_clip_with_variable_frame_rate_and_sound(tiny_model, tm
 
 
 def test_candidates_are_scored_the_best_kept_and_all_recorded(skiing, tiny_model, tmp_path):
-    succeeds("tune", skiing, "--prompt", "a man is skiing", "--model", tiny_model, *FAST)
+    succeeds("tune", skiing, "--prompt", "a man is skiing", "--model", tiny_model, *FAST, "--keep-checkpoints",
+             "--checkpoint-every", "1")  # fmt: skip
+    assert "after steps 1" in succeeds("info").stdout
+    fails("edit", "--target", "x", "--checkpoint", "2", match="kept no parameters after step 2 (kept: 1)")
     target = "a man is skiing on the (moon:2)"
     succeeds("edit", "--target", target, "--steps", "3", "--candidates", "3", "--keep-candidates", "--device", "cpu")
     entry = json.loads((tmp_path / "runs/man-skiing/run.json").read_text())["edits"][-1]

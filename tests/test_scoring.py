@@ -89,5 +89,12 @@ def test_ranks_are_fused_and_candidates_differ():
     settings = EditSettings(candidates=8, seed=None)
     options = realign.candidate_settings(settings, 8, seed=33)
     assert options[0] == replace(settings, candidates=1) and len(set(options)) == 8
-    assert {o.seed for o in options if o.eta > 0} == {34, 36, 38}  # every eta draw its own noise
+    assert {o.seed for o in options if o.eta > 0} == {34, 38}  # every eta draw its own noise
     assert {o.guidance for o in options} == {7.5, 11.25, 5.025} and {o.keep_structure for o in options} >= {0.2, 0.6}
+    assert {o.context_scale for o in options} == {1.0, 0.5} and {o.checkpoint for o in options} == {None}
+    kept = realign.candidate_settings(settings, 11, 33, kept=[100, 200])
+    assert [o.checkpoint for o in kept] == [None] * 5 + [200] + [None] * 4 + [100]  # the latest kept first
+    from_kept = realign.candidate_settings(replace(settings, checkpoint=200), 11, 33, kept=[100, 200])
+    assert [o.checkpoint for o in from_kept][4:] == [200, None, 200, 200, 200, 200, 100]  # the user's, then others
+    plain = realign.candidate_settings(settings, 8, 33, context=False)  # no adapter: the context scale stays
+    assert len(set(plain)) == 8 and {o.context_scale for o in plain} == {1.0}

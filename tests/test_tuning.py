@@ -89,6 +89,40 @@ def test_weight_one_is_bit_for_bit_and_realign_changes_the_edit(skiing, tiny_mod
     assert torch.isfinite(weighted).all() and torch.isfinite(realigned).all()
 
 
+def test_a_kept_checkpoint_is_a_shorter_run_and_edits_as_it(skiing, tiny_model, tmp_path):
+    kept = tune(skiing, tiny_model, tmp_path / "kept", steps=4, checkpoint_every=2, keep_checkpoints=True,
+                adapter_lr=1e-2)  # fmt: skip
+    short = tune(skiing, tiny_model, tmp_path / "short", steps=2, adapter_lr=1e-2)
+    assert kept.kept_steps() == [2] and short.kept_steps() == []
+    at_two, after_two = load_file(str(kept.weights_path(2))), load_file(str(short.tuned_path))
+    assert at_two.keys() == after_two.keys() and all(torch.equal(at_two[k], after_two[k]) for k in at_two)
+    tuned = editing.load_tuned(kept, device="cpu")
+    earlier = replace(EDIT, checkpoint=2)
+    source = editing.source_pass(tuned, earlier)
+    assert torch.equal(source.trajectory, edit(short)[0])
+    assert torch.equal(editing.edit_latents(tuned, source, "a man is skiing on the moon", earlier), edit(short)[1])
+    final = editing.source_pass(tuned, EDIT)  # back to the finished tuning's parameters
+    assert torch.equal(editing.edit_latents(tuned, final, "a man is skiing on the moon", EDIT), edit(kept)[1])
+    assert not torch.equal(final.trajectory, source.trajectory)
+    assert len(list((kept.root / "inversions").iterdir())) == 2  # cached apart
+
+
+def test_context_scale_scales_the_shift_of_inversion_and_sampling(skiing, tiny_model, tmp_path):
+    run = tune(skiing, tiny_model, tmp_path / "run", adapter_lr=1e-2, steps=3)
+    tuned = editing.load_tuned(run, device="cpu")
+    assert editing.shift_of(tuned, replace(EDIT, context_scale=0.5)).scale == tuned.shift.scale * 0.5
+    _, plain = edit(run)
+    halved, off = (edit(run, replace(EDIT, context_scale=scale))[1] for scale in (0.5, 0.0))
+    assert not torch.equal(plain, halved) and not torch.equal(halved, off)
+    assert torch.equal(off, editing.edit_latents(*_no_shift(tuned), "a man is skiing on the moon", EDIT))
+
+
+def _no_shift(tuned: editing.Tuned) -> tuple[editing.Tuned, editing.SourcePass]:
+    """The run with its context shift switched off in the schedule (scale 0), and its source pass."""
+    unshifted = replace(tuned, shift=replace(tuned.shift, scale=0.0))
+    return unshifted, editing.source_pass(unshifted, EDIT)
+
+
 def test_trained_parameters_load_strictly(skiing, tiny_model, tmp_path):
     run = tune(skiing, tiny_model, tmp_path / "run")
     state = load_file(str(run.tuned_path))
