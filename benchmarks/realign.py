@@ -204,7 +204,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="clips' seed (2024: development clips)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=HELD_OUT_SEED,
+        help="clips' seed (2026: the development clips the reranking rule was chosen on)",
+    )
     parser.add_argument("--realign", default="off,auto", help="re-weighting modes to run, comma-separated")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true", help="re-analyse realign.json without editing")
