@@ -82,20 +82,29 @@ class Plan:
 @dataclass
 class WordMaps:
     """Cross-attention per text token, summed over heads, steps and `layers`, per frame of the conditional branch,
-    at the latents' size: (f, tokens, h, w). Maps of coarser layers are upsampled to it."""
+    at the latents' size: (f, tokens, h, w). Maps of coarser layers are upsampled to it. Only the first `tokens`
+    are kept (a prompt's own: the padding is never asked for). A clip run in windows adds each window's maps at its
+    frames (`clip_frames` in all)."""
 
     layers: tuple[str, ...]
     latent_size: tuple[int, int]
     total: torch.Tensor | None = None
+    clip_frames: int | None = None
+    tokens: int | None = None  # None: all 77
 
-    def add(self, maps: torch.Tensor, frames: int) -> None:
-        """Add the (b*f, heads, n, tokens) maps of one layer."""
+    def add(self, maps: torch.Tensor, frames: int, positions: list[int] | None = None) -> None:
+        """Add the (b*f, heads, n, tokens) maps of one layer, of the clip's frames `positions` (None: all)."""
         h, w = self.latent_size
         scale = round((h * w / maps.shape[2]) ** 0.5)
-        words = maps[-frames:].sum(1).transpose(1, 2)  # (f, tokens, n)
+        words = maps[-frames:, ..., : self.tokens].sum(1).transpose(1, 2)  # (f, tokens, n)
         words = words.reshape(frames, -1, h // scale, w // scale)
         words = F.interpolate(words, size=(h, w), mode="bilinear", align_corners=False)  # (f, tokens, h, w)
-        self.total = words if self.total is None else self.total + words
+        if positions is not None:
+            if self.total is None:
+                self.total = words.new_zeros(self.clip_frames, *words.shape[1:])
+            self.total.index_add_(0, torch.tensor(positions, device=words.device), words)
+        else:
+            self.total = words if self.total is None else self.total + words
 
     def of(self, tokens: list[int]) -> torch.Tensor:
         """The summed maps of `tokens`: (f, h, w); zeros for no token."""
@@ -137,8 +146,9 @@ class Reweighting:
     region: torch.Tensor | None  # (f, h, w) at the latents' size, 1 inside; None: raised everywhere
     strength: dict[int, float]  # timestep -> fraction of (weight - 1) that applies
 
-    def apply(self, maps: torch.Tensor, frames: int, timestep: int) -> torch.Tensor:
-        """(b*f, heads, n, tokens) maps -> the same with the conditional branch re-weighted."""
+    def apply(self, maps: torch.Tensor, frames: int, timestep: int, positions: list[int] | None = None) -> torch.Tensor:
+        """(b*f, heads, n, tokens) maps of the clip's frames `positions` (None: all) -> the same with the
+        conditional branch re-weighted."""
         strength = self.strength.get(timestep, 0.0)
         if strength == 0:
             return maps
@@ -146,9 +156,10 @@ class Reweighting:
         weights = 1 + strength * (torch.tensor(list(self.weights.values()), device=maps.device) - 1)  # (k,)
         factor = weights.expand(frames, 1, maps.shape[2], -1)  # (f, 1, n, k)
         if self.region is not None:
-            h, w = self.region.shape[-2:]
+            region = self.region if positions is None else self.region[positions]
+            h, w = region.shape[-2:]
             scale = round((h * w / maps.shape[2]) ** 0.5)
-            inside = F.adaptive_avg_pool2d(self.region[:, None].float(), (h // scale, w // scale)).flatten(1)
+            inside = F.adaptive_avg_pool2d(region[:, None].float(), (h // scale, w // scale)).flatten(1)
             factor = weights ** (2 * inside.to(maps.device)[:, None, :, None] - 1)  # w inside, 1/w outside
         cond = maps[-frames:]
         weighed = cond.clone()
@@ -189,11 +200,12 @@ class Control:
     word_maps: WordMaps | None = None
     reweighting: Reweighting | None = None
     timestep: int | None = None  # set by VideoUNet.forward
+    frames: list[int] | None = None  # the clip's frames the UNet runs on (a window), None: all of them
 
     def reset(self) -> None:
         """Back to off: nothing recorded, injected, summed or re-weighted."""
         self.plan, self.recording, self.store, self.token_map, self.word_maps = Plan(), False, {}, None, None
-        self.reweighting = None
+        self.reweighting, self.frames = None, None
 
     def _exchange(self, layer: str, value: torch.Tensor) -> torch.Tensor:
         """Record `value` under (timestep, layer), or return the recorded one in its place."""
@@ -226,7 +238,7 @@ class Control:
         """(b*f, heads, n, tokens) maps of the edit -> the maps to use; the conditional branch may take the
         source's maps for the tokens the two prompts share."""
         if self.word_maps is not None and layer in self.word_maps.layers:
-            self.word_maps.add(maps.float(), frames)
+            self.word_maps.add(maps.float(), frames, self.frames)
         if layer in self.plan.cross_attention and self.timestep in self.plan.word_steps:
             cond = maps[-frames:]
             source = self._exchange(layer, cond[..., : self.plan.source_tokens])
@@ -236,7 +248,7 @@ class Control:
                 cond[..., shared] = source[..., self.token_map[shared]]
                 maps = torch.cat([maps[:-frames], cond])
         if self.reweighting is not None:
-            maps = self.reweighting.apply(maps, frames, self.timestep)
+            maps = self.reweighting.apply(maps, frames, self.timestep, self.frames)
         return maps
 
 

@@ -137,15 +137,34 @@ def tune(
     model: Annotated[
         str,
         typer.Option(
-            help=f"Hub id or local diffusers folder. [default: $CTXEDIT_MODEL or {DEFAULT_MODEL}]", show_default=False
+            help=f"Hub id or local diffusers folder. \\[default: $CTXEDIT_MODEL or {DEFAULT_MODEL}]", show_default=False
         ),
     ] = "",
     run: Annotated[
-        str, typer.Option("--run", help="Run directory. [default: runs/<video name>]", show_default=False)
+        str, typer.Option("--run", help="Run directory. \\[default: runs/<video name>]", show_default=False)
     ] = "",
-    frames: Annotated[int, typer.Option(help="Frames to tune on.")] = TuneSettings.frames,
+    frames: Annotated[
+        str, typer.Option(help="Frames to tune on and edit, or 'all' (the whole clip or --from/--to span).")
+    ] = str(TuneSettings.frames),
     stride: Annotated[int, typer.Option(help="Take every n-th frame.")] = TuneSettings.stride,
     start: Annotated[int, typer.Option(help="First frame index.")] = TuneSettings.start,
+    from_time: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="Start of the span to edit: seconds, mm:ss or h:mm:ss (instead of --start).",
+            show_default=False,
+        ),
+    ] = None,
+    to_time: Annotated[
+        str | None,
+        typer.Option(
+            "--to", help="End of the span: seconds, mm:ss or h:mm:ss. \\[default: the end]", show_default=False
+        ),
+    ] = None,
+    window: Annotated[
+        int, typer.Option(help="Frames the model sees at once; longer clips are tuned and edited in windows.")
+    ] = TuneSettings.window,
     size: Annotated[
         int, typer.Option(help="Short side in pixels (rounded to the model's multiple).")
     ] = TuneSettings.size,
@@ -178,7 +197,8 @@ def tune(
 ) -> None:
     """Tune the video UNet and the context adapter on one clip (once per video)."""
     settings = TuneSettings(
-        prompt=prompt, frames=frames, stride=stride, start=start, size=size, crop=crop, steps=steps, lr=lr,
+        prompt=prompt, frames=frames, stride=stride, start=start, from_time=from_time, to_time=to_time, window=window,
+        size=size, crop=crop, steps=steps, lr=lr,
         adapter_lr=adapter_lr, context=context, context_scale=context_scale, seed=seed,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
     )  # fmt: skip
@@ -263,21 +283,24 @@ def edit(
     context_scale: Annotated[
         float, typer.Option(help="Times the tuned context shift, in inversion and sampling.")
     ] = EditSettings.context_scale,
+    overlap: Annotated[
+        int, typer.Option(help="Frames shared by neighbouring windows of a clip longer than the tuned --window.")
+    ] = EditSettings.overlap,
     checkpoint: Annotated[
         int | None,
         typer.Option(
-            help="Edit with the parameters kept after this tuning step (tune --keep-checkpoints). [default: the end]",
+            help="Edit with the parameters kept after this tuning step (tune --keep-checkpoints). \\[default: the end]",
             show_default=False,
         ),
     ] = None,
     eta: Annotated[float, typer.Option(help="DDIM eta; 0 is deterministic, > 0 adds seeded noise.")] = EditSettings.eta,
     seed: Annotated[
-        int | None, typer.Option(help="Seed of the eta noise. [default: the run's seed]", show_default=False)
+        int | None, typer.Option(help="Seed of the eta noise. \\[default: the run's seed]", show_default=False)
     ] = None,
     out_path: Annotated[
         Path | None,
         typer.Option(
-            "--out", help="Output MP4 (one target only). [default: RUN/edits/<target>.mp4]", show_default=False
+            "--out", help="Output MP4 (one target only). \\[default: RUN/edits/<target>.mp4]", show_default=False
         ),
     ] = None,
     output_size: OutputSizeOpt = OutputSettings.size,
@@ -295,7 +318,7 @@ def edit(
         steps=steps, guidance=guidance, inversion_prompt=inversion_prompt, inversion=inversion,
         keep_structure=keep_structure, keep_words=keep_words, blend=blend, strength=strength, realign=realign,
         candidates=candidates, scorer=scorer, scorer_model=scorer_model, context_scale=context_scale,
-        checkpoint=checkpoint, eta=eta, seed=seed,
+        overlap=overlap, checkpoint=checkpoint, eta=eta, seed=seed,
     )  # fmt: skip
     output = OutputSettings(
         size=output_size, fps=fps, gif=gif, side_by_side=side_by_side, grid=grid, keep_candidates=keep_candidates
@@ -425,7 +448,7 @@ def demo(
 @handle_errors
 def score(
     edits: Annotated[
-        list[Path] | None, typer.Argument(help="Edited MP4s of the run. [default: all its edits]", show_default=False)
+        list[Path] | None, typer.Argument(help="Edited MP4s of the run. \\[default: all its edits]", show_default=False)
     ] = None,
     run: RunOpt = "latest",
     scorer: ScorerOpt = EditSettings.scorer,
@@ -463,9 +486,9 @@ def info(run: RunOpt = "latest", json_out: JsonOpt = False) -> None:
     table = Table(show_header=False, title=str(run_dir.root))
     table.add_row("model", f"{record['model']['id']} ({record['model']['path']})")
     table.add_row("video", f"{source['path']} ({source['width']}x{source['height']}, {source['fps']:.4g} fps)")
-    table.add_row(
-        "frames", f"{record['frames']['indices']} -> {size['width']}x{size['height']} at {record['fps']:.4g} fps"
-    )
+    indices = record["frames"]["indices"]
+    chosen = str(indices) if len(indices) <= 12 else f"{len(indices)} frames, {indices[0]} to {indices[-1]}"
+    table.add_row("frames", f"{chosen} -> {size['width']}x{size['height']} at {record['fps']:.4g} fps")
     table.add_row("prompt", settings["prompt"])
     table.add_row("settings", ", ".join(f"{k}={v}" for k, v in settings.items() if k != "prompt"))
     table.add_row("runtime", f"{record['runtime']['device']}, {record['runtime']['precision']}")

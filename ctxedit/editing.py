@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +24,14 @@ from ctxedit import video as videos
 from ctxedit.attention import Plan, Reweighting, WordMaps, attention_layers, blend_mask, layer_scale, stands_out
 from ctxedit.diffusion import ShiftSchedule
 from ctxedit.errors import UsageError
-from ctxedit.files import atomic_path, refuse_overwrite, sha256_of
+from ctxedit.files import TEMPORARY, atomic_path, refuse_overwrite, sha256_of
 from ctxedit.models.adapter import ContextAdapter
 from ctxedit.models.inflate import VideoUNet
 from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_precision
 from ctxedit.models.trained import build, load_trained
 from ctxedit.runs import Progress, ProgressEvent, Run, recorded_model
-from ctxedit.settings import EditSettings, OutputSettings
+from ctxedit.settings import EditSettings, OutputSettings, TuneSettings, recorded_settings
+from ctxedit.tuning import with_anchor
 
 REALIGN_WEIGHT = 1.5  # --realign auto: attention weight of the words the target changes, inside their region
 REALIGN_FRACTION = 0.5  # ...fading from the whole weight at the first step to none halfway
@@ -94,11 +97,90 @@ def load_tuned(run: Run, device: str = "auto", precision: str = "auto") -> Tuned
     return Tuned(run, record, sd, model, adapter, shift, cache["latents"], cache["text"])
 
 
-def predictor(tuned: Tuned, text: torch.Tensor, uncond: torch.Tensor | None = None, guidance: float = 1.0):
-    """eps(x, t) of the tuned video UNet, with classifier-free guidance when `uncond` is given."""
-    sd, model = tuned.sd, tuned.model
+@dataclass(frozen=True)
+class Windows:
+    """How a clip longer than the model's window is run: windows of `size` frames every `size - overlap` (the last
+    one ends with the clip), each after the anchor frame (`tuning.with_anchor`); where windows overlap, their
+    outputs are blended with weights that ramp across the overlap. A clip that fits is one window, run as is."""
 
-    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
+    frames: int
+    size: int
+    overlap: int
+
+    def __post_init__(self) -> None:
+        if self.frames > self.size and not 0 <= self.overlap < self.size:
+            raise UsageError(f"--overlap must be from 0 to below the tuned --window {self.size}, got {self.overlap}")
+
+    @cached_property
+    def sequences(self) -> list[list[int]]:
+        """The frames of each window, in the order the model sees them (the anchor first)."""
+        if self.frames <= self.size:
+            return [list(range(self.frames))]
+        firsts = [*range(0, self.frames - self.size, self.size - self.overlap), self.frames - self.size]
+        return [with_anchor(first, self.size) for first in firsts]
+
+    def blend(self, run: Callable[[int, list[int]], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """`run(k, frames)` gives window k's output for its frames, shaped like `like[:, frames]`; the clip's."""
+        sequences = self.sequences
+        if len(sequences) == 1:
+            return run(0, sequences[0])
+        position = torch.arange(self.size, device=like.device)
+        ramp = (torch.minimum(position + 1, self.size - position) / (self.overlap + 1)).clamp(max=1)
+        total = torch.zeros(like.shape, device=like.device)
+        weight = torch.zeros(self.frames, device=like.device)
+        for k, frames in enumerate(sequences):
+            own = frames[-self.size :]  # the anchor of a later window is the first window's to give
+            out = run(k, frames)[:, -self.size :].float()
+            total[:, own] += ramp.view(1, -1, *[1] * (out.dim() - 2)) * out
+            weight[own] += ramp
+        return total / weight.view(1, -1, *[1] * (like.dim() - 2))
+
+
+def windows_of(tuned: Tuned, settings: EditSettings) -> Windows:
+    window = recorded_settings(TuneSettings, tuned.record["settings"])["window"]
+    return Windows(tuned.x0.shape[1], window, settings.overlap)
+
+
+class Records:
+    """The source's records of a clip run in windows, one file per (window, timestep) in a temporary folder of the
+    run: the whole store would take ~100 MiB per frame with SD 1.5 at 512 px, one window's is in memory."""
+
+    def __init__(self, run: Run):
+        self.folder = tempfile.TemporaryDirectory(dir=run.root, prefix=f".records{TEMPORARY}")
+
+    def _path(self, window: int, timestep: int) -> Path:
+        return Path(self.folder.name) / f"{window}-{timestep}.safetensors"
+
+    def save(self, window: int, timestep: int, store: dict[tuple[int, str], torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        if store:
+            save_file({layer: t.contiguous() for (_, layer), t in store.items()}, str(self._path(window, timestep)))
+
+    def load(self, window: int, timestep: int, device: torch.device) -> dict[tuple[int, str], torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self._path(window, timestep)
+        state = load_file(str(path), device=str(device)) if path.exists() else {}
+        return {(timestep, layer): t for layer, t in state.items()}
+
+
+def predictor(
+    tuned: Tuned,
+    text: torch.Tensor,
+    uncond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    windows: Windows | None = None,
+    records: Records | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    steps: int = 1,
+):
+    """eps(x, t) of the tuned video UNet, with classifier-free guidance when `uncond` is given; over `windows` for a
+    long clip, its source records in `records` (saved while recording, loaded while injecting), `progress` told
+    the windows run of `steps` x windows."""
+    sd, model, control = tuned.sd, tuned.model, tuned.model.control
+
+    def predict_frames(x: torch.Tensor, t: int) -> torch.Tensor:
         with sd.autocast():
             if uncond is None:
                 return model(x.to(sd.dtype), t, text.to(sd.dtype)).float()
@@ -106,7 +188,36 @@ def predictor(tuned: Tuned, text: torch.Tensor, uncond: torch.Tensor | None = No
         eps_uncond, eps_text = both.chunk(2)
         return eps_uncond + guidance * (eps_text - eps_uncond)
 
+    if windows is None or len(windows.sequences) == 1:
+        return predict_frames
+    calls = 0
+
+    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
+        def window(k: int, frames: list[int]) -> torch.Tensor:
+            nonlocal calls
+            control.frames = frames
+            if records is not None and not control.recording:
+                control.store = records.load(k, t, x.device)
+            eps = predict_frames(x[:, frames], t)
+            if records is not None and control.recording:
+                records.save(k, t, control.store)
+                control.store = {}
+            calls += 1
+            if progress:
+                progress(calls, steps * len(windows.sequences))
+            return eps
+
+        try:
+            return windows.blend(window, x)
+        finally:
+            control.frames = None
+
     return predict
+
+
+def _callbacks(windows: Windows, stage: Callable[[int, int], None] | None):
+    """(the predictor's progress, the sampler's): a long clip counts windows, a short one steps."""
+    return (None, stage) if len(windows.sequences) == 1 else (stage, None)
 
 
 def _stage(progress: Progress | None, stage: str, label: str = "") -> Callable[[int, int], None] | None:
@@ -115,11 +226,13 @@ def _stage(progress: Progress | None, stage: str, label: str = "") -> Callable[[
 
 def inversion_key(tuned: Tuned, settings: EditSettings) -> str:
     """Everything the inverted trajectory depends on, hashed."""
+    windows = windows_of(tuned, settings)
     key = {
         "steps": settings.steps,
         "prompt": settings.inversion_prompt,
         "tuned": sha256_of(tuned.run.weights_path(settings.checkpoint)),
         "shift": asdict(shift_of(tuned, settings)) if tuned.adapter is not None else None,
+        "windows": [windows.size, windows.overlap] if len(windows.sequences) > 1 else None,
         "runtime": [tuned.sd.device.type, str(tuned.sd.dtype)],
         "stored": "trajectory",  # the whole ordinary trajectory, not only its end
     }
@@ -136,14 +249,11 @@ def _schedulers(tuned: Tuned, steps: int):
     return sampler, inverse
 
 
-def _source_context(tuned: Tuned) -> torch.Tensor | None:
-    """The context of the source's inversion, fixed: R(x0_src, c_src)."""
-    return tuned.adapter(tuned.x0, tuned.source_text) if tuned.adapter is not None else None
-
-
-def _context_of(tuned: Tuned, text: torch.Tensor):
-    """The context while sampling towards `text`: R(x0_hat, c), None without an adapter."""
-    return (lambda x0_hat: tuned.adapter(x0_hat, text)) if tuned.adapter is not None else None
+def _context_of(tuned: Tuned, text: torch.Tensor, windows: Windows):
+    """The context while sampling towards `text`: R(x0_hat, c), a window at a time; None without an adapter."""
+    if tuned.adapter is None:
+        return None
+    return lambda x0_hat: windows.blend(lambda _, frames: tuned.adapter(x0_hat[:, frames], text), x0_hat)
 
 
 @torch.no_grad()
@@ -157,9 +267,12 @@ def invert_source(tuned: Tuned, settings: EditSettings, progress: Progress | Non
         return load_file(str(path), device=str(tuned.sd.device))["trajectory"], True
     _, inverse = _schedulers(tuned, settings.steps)
     text = tuned.source_text if settings.inversion_prompt == "source" else tuned.sd.encode_text([""])
+    windows = windows_of(tuned, settings)
+    counted, callback = _callbacks(windows, _stage(progress, "invert"))
+    source_context = _context_of(tuned, tuned.source_text, windows)  # fixed: R(x0_src, c_src)
     trajectory = diffusion.invert(
-        predictor(tuned, text), tuned.x0, inverse, _source_context(tuned), shift_of(tuned, settings),
-        _stage(progress, "invert"),
+        predictor(tuned, text, windows=windows, progress=counted, steps=settings.steps), tuned.x0, inverse,
+        source_context(tuned.x0) if source_context else None, shift_of(tuned, settings), callback,
     )  # fmt: skip
     with atomic_path(path) as tmp:
         save_file({"trajectory": trajectory.contiguous().cpu()}, str(tmp))
@@ -174,7 +287,8 @@ class SourcePass:
     cached: bool  # the inversion came from the run's cache
     corrections: torch.Tensor | None  # direct inversion: one per sampling step from settings.first_step
     plan: Plan  # what the edit takes from the source, where and when
-    store: dict  # the source's recorded features and attention, keyed (timestep, layer)
+    store: dict  # the source's recorded features and attention, keyed (timestep, layer)...
+    records: Records | None  # ...or, for a clip run in windows, per window on disk
     word_maps: WordMaps | None  # the source's cross-attention per token, for blending masks
 
 
@@ -219,24 +333,29 @@ def source_pass(tuned: Tuned, settings: EditSettings, progress: Progress | None 
     plan = structure_plan(settings, sampler.timesteps.tolist(), tuned.sd.unet, source_tokens)
     needed = settings.inversion == "direct" or plan.injects() or settings.blend != "off"
     if not needed:
-        return SourcePass(trajectory, cached, None, Plan(), {}, None)
+        return SourcePass(trajectory, cached, None, Plan(), {}, None, None)
     control = tuned.model.control
     control.reset()
     control.plan, control.recording = plan, True
+    windows = windows_of(tuned, settings)
+    records = Records(tuned.run) if len(windows.sequences) > 1 and plan.injects() else None
     if settings.blend != "off":
         latent_size = tuple(tuned.x0.shape[-2:])
-        control.word_maps = WordMaps(_mask_layers(tuned.sd.unet, latent_size), latent_size)
+        layers = _mask_layers(tuned.sd.unet, latent_size)
+        control.word_maps = WordMaps(layers, latent_size, clip_frames=windows.frames, tokens=source_tokens)
+    counted, callback = _callbacks(windows, _stage(progress, "source"))
     try:
-        source = predictor(tuned, tuned.source_text, _uncond(tuned, settings), settings.guidance)
+        source = predictor(tuned, tuned.source_text, _uncond(tuned, settings), settings.guidance, windows, records,
+                           counted, settings.steps - settings.first_step)  # fmt: skip
         corrections = diffusion.reconstruction_corrections(
-            source, trajectory, sampler, _context_of(tuned, tuned.source_text), tuned.x0, shift_of(tuned, settings),
-            settings.first_step, _stage(progress, "source"),
+            source, trajectory, sampler, _context_of(tuned, tuned.source_text, windows), tuned.x0,
+            shift_of(tuned, settings), settings.first_step, callback,
         )  # fmt: skip
         store, word_maps = control.store, control.word_maps
     finally:
         control.reset()
     direct = corrections if settings.inversion == "direct" else None
-    return SourcePass(trajectory, cached, direct, plan, store, word_maps)
+    return SourcePass(trajectory, cached, direct, plan, store, records, word_maps)
 
 
 def _blend_tokens(tokenizer, source: str, target: str, settings: EditSettings) -> tuple[list[int], list[int]] | None:
@@ -307,25 +426,39 @@ def edit_latents(
     control.reset()
     control.plan, control.store = source.plan, source.store
     control.token_map = alignment.token_map.to(sd.device)
+    windows = windows_of(tuned, settings)
     if any(w != 1 for w in weights.values()):  # weight 1 everywhere: the stock attention, bit for bit
         timesteps = sampler.timesteps.tolist()[start:]
         fade = {t: max(0.0, 1 - k / (REALIGN_FRACTION * len(timesteps))) for k, t in enumerate(timesteps)}
         control.reweighting = Reweighting(weights, source_mask, fade)
     if blend is not None and source_mask is None:
-        control.word_maps = WordMaps(source.word_maps.layers, source.word_maps.latent_size)
+        control.word_maps = WordMaps(
+            source.word_maps.layers, source.word_maps.latent_size, clip_frames=windows.frames,
+            tokens=len(prompts.token_ids(sd.tokenizer, target)),
+        )  # fmt: skip
+    counted, callback = _callbacks(windows, _stage(progress, "edit", label or target))
     try:
         return diffusion.sample(
-            predictor(tuned, text, _uncond(tuned, settings), settings.guidance),
+            predictor(
+                tuned,
+                text,
+                _uncond(tuned, settings),
+                settings.guidance,
+                windows,
+                source.records,
+                counted,
+                settings.steps - start,
+            ),
             source.trajectory[start],
             sampler,
-            _context_of(tuned, text),
+            _context_of(tuned, text, windows),
             tuned.x0,
             shift_of(tuned, settings),
             eta=settings.eta,
             generator=generator,
             start=start,
             guide=guide,
-            callback=_stage(progress, "edit", label or target),
+            callback=callback,
         )
     finally:
         control.reset()
@@ -405,6 +538,7 @@ def render_edits(
     for request in requests:  # a --blend word in neither prompt, a malformed weight, ... fail before any work
         target, _ = prompts.parse_weights(tuned.sd.tokenizer, request.target)
         _blend_tokens(tuned.sd.tokenizer, record["settings"]["prompt"], target, request.settings)
+        windows_of(tuned, request.settings)  # an --overlap the window cannot take
         step = request.settings.checkpoint
         if step is not None and step not in kept:
             offer = f"kept: {', '.join(map(str, kept))}" if kept else "tune with --keep-checkpoints to keep some"
@@ -418,23 +552,28 @@ def render_edits(
         seed = settings.seed if settings.seed is not None else record["settings"]["seed"]
         options = realign.candidate_settings(settings, settings.candidates, seed, kept, tuned.adapter is not None)
         keys = [_source_key(option) for option in options]
-        made: dict[int, np.ndarray] = {}
+        made: dict[int, torch.Tensor] = {}  # latents
         cached = True
         for k in sorted(range(len(options)), key=lambda k: keys.index(keys[k])):  # one source pass per key
             if keys[k] not in passes:
                 passes = {keys[k]: source_pass(tuned, options[k], progress)}
             source = passes[keys[k]]
             cached, source.cached = cached and source.cached, True
-            label = request.target if len(options) == 1 else f"{request.target} ({k + 1}/{len(options)})"
-            latents = edit_latents(tuned, source, request.target, options[k], progress, label)
-            made[k] = tuned.sd.decode_latents(latents, _stage(progress, "decode", label))
-        chosen, candidates = reranker.choose(request, options, made) if len(options) > 1 else (0, [])
+            made[k] = edit_latents(tuned, source, request.target, options[k], progress, _label(request, k, options))
+
+        decode = [_stage(progress, "decode", _label(request, k, options)) for k in range(len(options))]
+        if len(options) == 1:
+            chosen, candidates, frames = 0, [], tuned.sd.decoded_frames(made[0], decode[0])  # streamed to the file
+        else:  # the candidates are scored on their frames
+            frames_of = {k: tuned.sd.decode_latents(latents, decode[k]) for k, latents in made.items()}
+            chosen, candidates = reranker.choose(request, options, frames_of)
+            frames = frames_of[chosen]
         if output.keep_candidates:
             for path, candidate in zip(candidate_paths(request.path, len(candidates)), candidates, strict=True):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _write(made[candidate["index"]], path, record, output, overwrite)
+                _write(frames_of[candidate["index"]], path, record, output, overwrite)
                 candidate["path"] = str(path)
-        frames, fps, audio = _write(made[chosen], request.path, record, output, overwrite)
+        count, (width, height), fps, audio = _write(frames, request.path, record, output, overwrite)
         gif_path = request.path.with_suffix(".gif") if output.gif else None
         if gif_path:
             videos.write_gif(request.path, gif_path, overwrite)
@@ -442,9 +581,9 @@ def render_edits(
             target=request.target,
             path=str(request.path),
             gif=str(gif_path) if gif_path else None,
-            frames=len(frames),
-            width=frames.shape[2],
-            height=frames.shape[1],
+            frames=count,
+            width=width,
+            height=height,
             fps=fps,
             audio=audio is not None,
             inversion_cached=cached,
@@ -459,14 +598,19 @@ def render_edits(
     return results
 
 
-def _write(frames: np.ndarray, path: Path, record: dict, output: OutputSettings, overwrite: bool):
-    """Write decoded frames as `output` asks (size, rate, the source's audio); (frames written, fps, audio)."""
+def _label(request: EditRequest, k: int, options: list[EditSettings]) -> str:
+    return request.target if len(options) == 1 else f"{request.target} ({k + 1}/{len(options)})"
+
+
+def _write(frames: Iterable[np.ndarray], path: Path, record: dict, output: OutputSettings, overwrite: bool):
+    """Write frames at the processed size (an iterable: streamed) as `output` asks (size, rate, the source's
+    audio); (frames written, (width, height), fps, audio)."""
+    size = (record["size"]["width"], record["size"]["height"])
     if output.size == "source":
-        region = videos.source_region(record["video"]["width"], record["video"]["height"], frames.shape[2:0:-1])
-        frames = videos.resize_frames(frames, region)
+        size = videos.source_region(record["video"]["width"], record["video"]["height"], size)
+        frames = (videos.resize_frames(frame[None], size)[0] for frame in frames)
     audio, fps = _audio_span(record, output), _output_fps(record, output)
-    videos.write_video(frames, path, fps, audio, overwrite)
-    return frames, fps, audio
+    return videos.write_video(frames, path, fps, audio, overwrite), size, fps, audio
 
 
 def edit_run(

@@ -64,6 +64,10 @@ def sha256_of(path: Path) -> str:
 
 
 def remove_temporaries(folder: Path) -> None:
-    """Delete the temporary files a killed process left in `folder` and its subfolders (never a finished file)."""
+    """Delete the temporary files and folders a killed process left in `folder` and its subfolders (never a
+    finished file)."""
     for path in folder.glob(f"**/.*{TEMPORARY}*"):
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -87,7 +87,8 @@ def _typed(where: str, value: object, hint: object) -> object:
         try:
             return float(value)
         except ValueError:
-            pass
+            if str in allowed:  # text the settings parse themselves, e.g. a time '1:05'
+                return value
     elif str in allowed and isinstance(value, str):
         return value
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)

@@ -7,6 +7,7 @@ runs/<video-stem>/
   checkpoint.pt          tuning state for --resume (removed when tuning finishes)
   checkpoints/step-<n>.safetensors   trained parameters after step n (tune --keep-checkpoints)
   inversions/<key>.safetensors   inverted latents, keyed by every setting they depend on
+  .records.tmp-*/        a clip edited in windows: the source's records per window and step (while it lasts)
   edits/<slug>.mp4       the edited videos
 """
 

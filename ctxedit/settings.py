@@ -35,6 +35,21 @@ def check_scorer(scorer: str, model: str | None) -> None:
         raise UsageError(f"--scorer {scorer} needs --scorer-model (a hub id or a local folder)")
 
 
+def parse_time(flag: str, value: float | str | None) -> float | None:
+    """Seconds from a number or '[h:]mm:ss[.ff]' (e.g. '1:05.5'); None stays None."""
+    if value is None:
+        return None
+    problem = UsageError(f"{flag} takes seconds (e.g. 12.5), mm:ss or h:mm:ss (e.g. 1:05), got {value!r}")
+    parts = str(value).strip().split(":")
+    try:
+        numbers = [float(part) for part in parts]
+    except ValueError:
+        raise problem from None
+    if len(parts) > 3 or any(not math.isfinite(n) or n < 0 for n in numbers) or any(n >= 60 for n in numbers[1:]):
+        raise problem
+    return sum(n * 60**power for power, n in enumerate(reversed(numbers)))
+
+
 def _at_least(flag: str, value: float, low: float) -> None:
     if not (math.isfinite(value) and value >= low):
         raise UsageError(f"{flag} must be a number >= {low}, got {value}")
@@ -48,9 +63,12 @@ def recorded_settings(cls: type, values: dict) -> dict:
 @dataclass(frozen=True)
 class TuneSettings:
     prompt: str  # the source caption, e.g. "a man is skiing"
-    frames: int = 8  # ContextDiff's release; Tune-A-Video used 24
+    frames: int | str = 8  # ContextDiff's release (Tune-A-Video used 24); "all": the whole selection
     stride: int = 2  # every 2nd frame: more motion per clip at the same cost
-    start: int = 0
+    start: int = 0  # index of the first frame
+    from_time: float | str | None = None  # --from: where the selection starts, seconds or [h:]mm:ss (not with start)
+    to_time: float | str | None = None  # --to: where it ends (exclusive); None: the end of the video
+    window: int = 8  # frames the model sees at once; longer selections are tuned and edited in windows
     size: int = 512  # short side in pixels, SD 1.x's native resolution
     crop: str = "none"  # keep the aspect ratio; "center" gives a square
     steps: int = 300  # between the two releases (500 and 200)
@@ -69,9 +87,21 @@ class TuneSettings:
             raise UsageError("--prompt is empty; describe the source video, e.g. --prompt 'a man is skiing'")
         _choice("--crop", self.crop, CROPS)
         _choice("--context", self.context, CONTEXTS)
+        if self.frames != "all":
+            try:
+                object.__setattr__(self, "frames", int(self.frames))
+            except ValueError:
+                raise UsageError(f"--frames takes a number or 'all', got {self.frames!r}") from None
         for flag, value in (("--frames", self.frames), ("--stride", self.stride), ("--steps", self.steps)):
-            _at_least(flag, value, 1)
+            _at_least(flag, 1 if value == "all" else value, 1)
         _at_least("--start", self.start, 0)
+        _at_least("--window", self.window, 2)
+        object.__setattr__(self, "from_time", parse_time("--from", self.from_time))
+        object.__setattr__(self, "to_time", parse_time("--to", self.to_time))
+        if self.from_time is not None and self.start:
+            raise UsageError("give --start (a frame index) or --from (a time), not both")
+        if None not in (self.from_time, self.to_time) and self.to_time <= self.from_time:
+            raise UsageError(f"--to ({self.to_time:g} s) must come after --from ({self.from_time:g} s)")
         _at_least("--size", self.size, 1)
         _at_least("--lr", self.lr, 0)
         _at_least("--adapter-lr", self.adapter_lr, 0)
@@ -112,6 +142,7 @@ class EditSettings:
     scorer: str = "attention"  # text alignment of the candidates: attention | caption | clip
     scorer_model: str | None = None  # captioner (BLIP, or "shapes") or CLIP model, hub id or folder
     context_scale: float = 1.0  # times the tuned context shift, in inversion and sampling alike
+    overlap: int = 2  # frames shared by neighbouring windows of a clip longer than the tuned window, blended
     checkpoint: int | None = None  # the parameters after this tuning step (tune --keep-checkpoints); None: the end
     eta: float = 0.0  # 0: deterministic DDIM; > 0 adds seeded noise
     seed: int | None = None  # None: the run's tuning seed
@@ -126,6 +157,7 @@ class EditSettings:
         _at_least("--steps", self.steps, 1)
         _at_least("--guidance", self.guidance, 0)
         _at_least("--context-scale", self.context_scale, 0)
+        _at_least("--overlap", self.overlap, 0)
         if self.checkpoint is not None:
             _at_least("--checkpoint", self.checkpoint, 1)
         if not 0 <= self.eta <= 1:  # above 1, DDIM's sqrt(1 - alpha_prev - sigma^2) can go negative: NaN latents

@@ -31,6 +31,8 @@ from ctxedit.models.trained import build, load_trained_state, save_trained, trai
 from ctxedit.runs import Progress, ProgressEvent, Run, recorded_model, versions
 from ctxedit.settings import TuneSettings
 
+ENCODE_CHUNK = 16  # frames read and encoded at a time: memory does not grow with the clip
+
 
 @dataclass
 class TuneLog:
@@ -69,6 +71,12 @@ def interrupts_between_steps() -> Iterator[Callable[[], bool]]:
         yield requested.is_set
     finally:  # `previous` is None where a non-Python handler was installed; Python's default is then the best guess
         signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+
+
+def with_anchor(first: int, size: int) -> list[int]:
+    """The frames of a window of `size` from frame `first`, after the clip's anchor frame 0 unless it starts there:
+    every frame's sparse-causal attention sees the anchor, so all windows of a clip share one appearance."""
+    return list(range(first, first + size)) if first == 0 else [0, *range(first, first + size)]
 
 
 def training_loss(
@@ -125,7 +133,8 @@ def tune(
     progress: Progress | None = None,
     kept_path: Callable[[int], Path] | None = None,
 ) -> TuneLog:
-    """Tune the trainable UNet parameters and the adapter; resumes from `checkpoint` when it exists. With
+    """Tune the trainable UNet parameters and the adapter; resumes from `checkpoint` when it exists. A clip longer
+    than `settings.window` is seen a window at a time (`with_anchor`), each step's from anywhere in it. With
     `settings.keep_checkpoints`, the parameters at every periodic checkpoint are also saved to `kept_path(step)`.
 
     Ctrl-C takes effect between steps: the step under way finishes, the checkpoint is saved and Interrupted
@@ -149,10 +158,15 @@ def tune(
 
     model.train()
     saved = len(losses) if checkpoint.exists() else None  # the step the checkpoint on disk holds
+    frames, window = x0.shape[1], settings.window
     try:
         with interrupts_between_steps() as interrupted:
             for step in range(len(losses), settings.steps):
-                loss = training_loss(model, adapter, x0, text, sd, shift, generator)
+                seen = x0
+                if frames > window:  # a window from anywhere in the clip, drawn like the rest (resumes exactly)
+                    first = torch.randint(0, frames - window + 1, (1,), generator=generator, device=generator.device)
+                    seen = x0[:, with_anchor(int(first), window)]
+                loss = training_loss(model, adapter, seen, text, sd, shift, generator)
                 if not math.isfinite(loss.item()):
                     return TuneLog(losses, stopped_early=f"the loss became {loss.item()} at step {step + 1}")
                 scaler.scale(loss).backward()
@@ -239,9 +253,12 @@ def _encode_source(
     if run.source_path.exists():
         cache = load_file(str(run.source_path), device=str(sd.device))
         return cache["latents"], cache["text"]
-    frames = videos.resize_frames(videos.read_frames(info, indices), size)
-    callback = (lambda done, total: progress(ProgressEvent("encode", done, total))) if progress else None
-    latents = sd.encode_frames(frames, callback)
+    latents = []
+    for first in range(0, len(indices), ENCODE_CHUNK):  # a chunk of frames in memory at a time
+        frames = videos.resize_frames(videos.read_frames(info, indices[first : first + ENCODE_CHUNK]), size)
+        encoded = (lambda i, _, k=first: progress(ProgressEvent("encode", k + i, len(indices)))) if progress else None
+        latents.append(sd.encode_frames(frames, encoded))
+    latents = torch.cat(latents, dim=1)
     text = sd.encode_text([prompt])
     with atomic_path(run.source_path) as tmp:
         save_file({"latents": latents.contiguous().cpu(), "text": text.contiguous().cpu()}, str(tmp))
@@ -276,7 +293,9 @@ def tune_video(
     started = time.perf_counter()
     recorded = _check_run_state(run, settings, resume, overwrite)
     info = videos.probe(video)
-    indices = videos.frame_indices(info, settings.frames, settings.stride, settings.start)
+    indices = videos.frame_indices(
+        info, settings.frames, settings.stride, settings.start, settings.from_time, settings.to_time
+    )
     source = _describe_source(video, info)
     if recorded and recorded["video"]["sha256"] != source["sha256"]:
         raise RunError(f"--resume needs the same video; {video} differs from the one {run.root} was tuned on")
@@ -302,7 +321,7 @@ def tune_video(
             "indices": indices,
             "start": settings.start,
             "stride": settings.stride,
-            "count": settings.frames,
+            "count": len(indices),
             "start_s": info.times[indices[0]],  # where the audio under the edits begins
         },
         "size": {"width": width, "height": height, "latent": list(x0.shape[-2:])},

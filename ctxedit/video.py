@@ -9,8 +9,11 @@ frames seeks and decodes only what they need, whatever the file's length. Encodi
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import subprocess
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -188,23 +191,41 @@ def probe(path: Path) -> VideoInfo:
     )
 
 
-def frame_indices(info: VideoInfo, count: int, stride: int, start: int) -> list[int]:
-    """The frames shown at the times of frames start, start+stride, ... of a steady clip at the average rate
-    (on a variable-frame-rate clip these follow the clock, as the audio does); fail with what would fit."""
-    if count < 1 or stride < 1 or start < 0:
+def frame_indices(
+    info: VideoInfo,
+    count: int | str,
+    stride: int,
+    start: int = 0,
+    from_time: float | None = None,
+    to_time: float | None = None,
+) -> list[int]:
+    """The frames shown at the times of frames start, start+stride, ... of a steady clip at the average rate (on a
+    variable-frame-rate clip these follow the clock, as the audio does). `count` "all" takes every such time
+    before `to_time` (or the end); `from_time` (seconds from the first frame) replaces `start`. Fails with what
+    would fit."""
+    if count != "all" and count < 1 or stride < 1 or start < 0:
         raise UsageError("--frames and --stride must be >= 1 and --start >= 0")
+    if from_time is not None:
+        start = bisect.bisect_left(info.times, info.times[0] + from_time - 1e-6)
+        if start >= info.num_frames:
+            raise VideoError(f"the video lasts {info.end_s - info.times[0]:.2f} s; --from {from_time:g} is after it")
     if start >= info.num_frames:
         raise VideoError(f"the video has {info.num_frames} frames; --start must be below {info.num_frames}")
-    step = stride / info.fps
-    last = info.times[start] + (count - 1) * step
-    if last >= info.end_s - 0.5 / info.fps:
-        fits = math.floor((info.end_s - 0.5 / info.fps - info.times[start]) / step - 1e-9) + 1
+    step, half = stride / info.fps, 0.5 / info.fps  # a frame stays on screen until the next one
+    end = info.end_s if to_time is None else min(info.end_s, info.times[0] + to_time)
+    fits = math.floor((end - half - info.times[start]) / step - 1e-9) + 1  # times before the end
+    where = f"--start {start}" if from_time is None else f"--from {from_time:g}"
+    if fits < 1:
+        raise VideoError(f"--to {to_time:g} leaves no frame after {where}")
+    if count == "all":
+        count = fits
+    elif count > fits:
+        span = f"{info.num_frames} frames ({info.end_s:.2f} s)" if to_time is None else f"{end - info.times[0]:.2f} s"
+        needs = (count - 1) * step + 1 / info.fps + info.times[start] - info.times[0]
         raise VideoError(
-            f"the video has {info.num_frames} frames ({info.end_s:.2f} s) but --frames {count} --stride {stride} "
-            f"--start {start} needs {last + 1 / info.fps - info.times[0]:.2f} s; try --frames {max(1, fits)} "
-            "or a smaller --stride"
+            f"the video has {span} but --frames {count} --stride {stride} {where} needs {needs:.2f} s; "
+            f"try --frames {fits}, --frames all or a smaller --stride"
         )
-    half = 0.5 / info.fps  # a frame stays on screen until the next one: take the one shown at each time
     return [max(start, bisect.bisect_right(info.times, info.times[start] + k * step + half) - 1) for k in range(count)]
 
 
@@ -303,14 +324,20 @@ def resize_frames(frames: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
 
 
 def write_video(
-    frames: np.ndarray,
+    frames: Iterable[np.ndarray],
     dest: Path,
     fps: float,
     audio: AudioSpan | None = None,
     overwrite: bool = False,
-) -> None:
-    """Write H.264 MP4 (yuv420p, faststart), muxing the audio span when given; atomic."""
-    height, width = frames.shape[1:3]
+) -> int:
+    """Write H.264 MP4 (yuv420p, faststart) of uint8 frames (h, w, 3), an array or any iterable of them (streamed
+    to the encoder, so a generator keeps one in memory), muxing the audio span when given; atomic. Returns how
+    many frames were written."""
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise VideoError(f"no frames to write to {dest}")
+    height, width = first.shape[:2]
     if width % 2 or height % 2:
         raise VideoError(f"H.264 yuv420p needs even frame sizes, got {width}x{height}")
     video_in = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", f"{fps:.6f}", "-i", "-"]
@@ -321,9 +348,24 @@ def write_video(
     with atomic_path(dest, overwrite) as tmp:
         encode = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "17", "-movflags", "+faststart"]
         args = ["-y", "-v", "error", *video_in, *audio_in, "-map", "0:v:0", *audio_out, *encode, str(tmp)]
-        done = _ffmpeg(args, stdin=np.ascontiguousarray(frames).tobytes())
-        if done.returncode != 0:
-            raise VideoError(f"ffmpeg could not write {dest}: {done.stderr.decode(errors='replace').strip()}")
+        with tempfile.TemporaryFile() as errors:  # a file: a full stderr pipe would stall ffmpeg
+            encoder = subprocess.Popen([ffmpeg_exe(), "-hide_banner", *args], stdin=subprocess.PIPE, stderr=errors)
+            count = 0
+            try:
+                for frame in itertools.chain([first], frames):
+                    if frame.shape != first.shape:
+                        raise VideoError(f"frame {count} is {frame.shape}, the first was {first.shape}")
+                    encoder.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
+                    count += 1
+            except BrokenPipeError:
+                pass  # ffmpeg stopped: its error follows
+            finally:
+                encoder.stdin.close()
+                returncode = encoder.wait()
+            if returncode != 0:
+                errors.seek(0)
+                raise VideoError(f"ffmpeg could not write {dest}: {errors.read().decode(errors='replace').strip()}")
+    return count
 
 
 def write_gif(video: Path, dest: Path, overwrite: bool = False) -> None:

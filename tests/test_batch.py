@@ -111,15 +111,17 @@ defaults:
 jobs:
   - video: clip one.mp4
     prompt: a man is skiing
-    tune: {{steps: 9}}
+    tune: {{steps: 9, frames: all, from_time: "0:01", to_time: 2.5, window: 6}}
     edits:
       - on the moon
-      - {{target: on mars, guidance: 9, seed: 4, name: mars}}
+      - {{target: on mars, guidance: 9, seed: 4, name: mars, overlap: 3}}
 """
     (folder / "ski.yaml").write_text(text, encoding="utf-8")
     [loaded] = load_presets([folder / "ski.yaml"])
     assert loaded.name == "clip-one" and loaded.video == (folder / "clip one.mp4").resolve()
     assert (loaded.tune.steps, loaded.tune.lr, loaded.tune.size, loaded.tune.prompt) == (9, 3e-5, 32, "a man is skiing")
+    assert (loaded.tune.frames, loaded.tune.from_time, loaded.tune.to_time, loaded.tune.window) == ("all", 1, 2.5, 6)
+    assert loaded.edits[1].settings.overlap == 3
     assert [(e.name, e.settings.guidance, e.settings.seed) for e in loaded.edits] == [
         ("on-the-moon", 4.0, None),
         ("mars", 9.0, 4),

@@ -150,6 +150,28 @@ def test_a_portrait_phone_clip_with_variable_frame_rate_and_sound(tiny_model, tm
     assert np.argmax(np.abs(sound) > 0.2) / rate == pytest.approx(1.5 - 1.2, abs=0.02)
 
 
+def test_a_time_span_edited_whole_in_windows_keeps_every_frame_and_its_sound(tiny_model, tmp_path):
+    frames = np.random.default_rng(1).integers(0, 255, (40, 48, 48, 3), dtype=np.uint8)
+    beep = "aevalsrc=0.5*sin(2*PI*1000*t)*between(t\\,2\\,2.2):s=48000:d=4"
+    clip = encode(frames, tmp_path / "clip.mp4", "-c:v", "libx264", "-c:a", "aac", inputs=("-f", "lavfi", "-i", beep))
+    tune = ["tune", clip, "--prompt", "noise", "--model", tiny_model, "--size", "32", "--steps", "2", "--stride", "1"]
+    fails(*tune, "--frames", "all", "--from", "1.5", "--start", "3", match="give --start (a frame index) or --from")
+    fails(*tune, "--frames", "some", match="--frames takes a number or 'all', got 'some'", code=2)
+    succeeds(*tune, "--frames", "all", "--from", "0:01.5", "--to", "3.5", "--window", "6")
+    record = json.loads((tmp_path / "runs/clip/run.json").read_text())
+    assert record["frames"]["indices"] == list(range(15, 35)) and record["frames"]["count"] == 20
+    assert "20 frames, 15 to 34 -> 32x32 at 10 fps" in succeeds("info").stdout
+    edit = json.loads(succeeds("edit", "--target", "a painting", "--steps", "2", "--json", "--device", "cpu").stdout)[0]
+    info = video.probe(tmp_path / edit["path"])
+    assert (info.num_frames, info.fps, info.has_audio) == (20, 10, True)  # five windows of 6, every frame once
+    with av.open(str(tmp_path / edit["path"])) as container:
+        sound = np.concatenate([f.to_ndarray().mean(0) for f in container.decode(audio=0)])
+        rate = container.streams.audio[0].rate
+    assert len(sound) / rate == pytest.approx(2.0, abs=0.03)  # the span's sound, from 1.5 s
+    assert np.argmax(np.abs(sound) > 0.2) / rate == pytest.approx(2.0 - 1.5, abs=0.02)
+    fails("edit", "--target", "x", "--overlap", "6", match="below the tuned --window 6, got 6")
+
+
 def test_candidates_are_scored_the_best_kept_and_all_recorded(skiing, tiny_model, tmp_path):
     succeeds("tune", skiing, "--prompt", "a man is skiing", "--model", tiny_model, *FAST, "--keep-checkpoints",
              "--checkpoint-every", "1")  # fmt: skip

@@ -1,6 +1,8 @@
 """Editing with structure kept: plain settings are the plain sampler bit for bit, direct inversion reconstructs
 exactly under guidance, partial inversion starts later, blending masks find the edited object."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,3 +117,49 @@ def test_blending_masks_cover_the_edited_object_on_a_shapes_clip(tmp_path):
     circle = F.avg_pool2d(torch.tensor(masks[:, 0]).float(), 4) > 0.5
     assert (mask & square).sum() / square.sum() > 0.9
     assert (mask & circle).sum() / circle.sum() < 0.2 and mask.float().mean() < 0.5
+
+
+def test_windows_cover_the_clip_after_its_anchor_and_blend_across_seams():
+    windows = editing.Windows(frames=23, size=6, overlap=2)
+    sequences = windows.sequences
+    assert [s[-6] for s in sequences] == [0, 4, 8, 12, 16, 17]  # every 4 frames, the last one ending with the clip
+    assert sequences[0] == list(range(6)) and all(s[0] == 0 and len(s) == 7 for s in sequences[1:])  # the anchor
+    assert editing.Windows(frames=5, size=6, overlap=2).sequences == [list(range(5))]  # shorter than a window
+    x = torch.randn(1, 23, 4, 2, 2)
+    assert torch.allclose(windows.blend(lambda _, frames: x[:, frames], x), x, atol=1e-6)
+    constant = windows.blend(lambda k, frames: torch.full_like(x[:, frames], float(k)), x)[0, :, 0, 0, 0]
+    assert constant[:4].tolist() == [0, 0, 0, 0] and 0 < constant[4] < constant[5] < 1  # ramped over the overlap
+    assert constant[6:8].tolist() == [1, 1] and constant[0] == 0  # the anchor is the first window's alone
+
+
+@pytest.fixture(scope="module")
+def long_clip(skiing, tiny_model, tmp_path_factory) -> editing.Tuned:
+    """The whole clip at stride 4 (23 frames), tuned and edited in windows of 6."""
+    run = Run(tmp_path_factory.mktemp("runs") / "long")
+    settings = TuneSettings(prompt=PROMPT, frames="all", stride=4, size=32, steps=3, adapter_lr=1e-2, window=6)
+    tune_video(skiing, settings, run, str(tiny_model), device="cpu")
+    return editing.load_tuned(run, device="cpu")
+
+
+def test_a_long_clip_is_edited_in_windows_and_reconstructs_exactly(long_clip):
+    """Direct inversion with the source prompt gives the source back, window by window: each window injects its own
+    records (from disk) and takes its corrections; any mix-up would show."""
+    assert long_clip.x0.shape[1] == 23 and len(editing.windows_of(long_clip, EditSettings()).sequences) == 6
+    long_clip.model.control.store_dtype = torch.float32
+    events = []
+    try:
+        errors = {}
+        for inversion in ("direct", "plain"):
+            settings = EditSettings(steps=5, guidance=7.5, inversion=inversion)
+            source = editing.source_pass(long_clip, settings)
+            assert len(list(Path(source.records.folder.name).iterdir())) == 6 * 4  # windows x steps with records
+            edited = editing.edit_latents(long_clip, source, PROMPT, settings, events.append)
+            errors[inversion] = (edited - long_clip.x0).abs().max()
+    finally:
+        long_clip.model.control.store_dtype = torch.float16
+    assert errors["direct"] < 1e-4 and errors["plain"] > 1e-2
+    edit_events = [(e.done, e.total) for e in events if e.stage == "edit"]
+    assert edit_events[-1] == (5 * 6, 5 * 6)  # progress counts windows of every step
+    folder = Path(source.records.folder.name)
+    del source
+    assert not folder.exists()  # the records go with the source pass

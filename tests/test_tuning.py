@@ -209,6 +209,26 @@ def test_ctrl_c_anywhere_in_a_step_resumes_bit_identically(skiing, tiny_model, t
     assert_same_run(run, reference)
 
 
+def test_a_long_clip_is_tuned_a_window_at_a_time_and_resumes_bit_identically(skiing, tiny_model, tmp_path, monkeypatch):
+    settings = dict(frames=10, window=4, steps=6, adapter_lr=1e-2, checkpoint_every=100)
+    real_loss, seen = tuning.training_loss, []
+    monkeypatch.setattr(tuning, "training_loss", lambda model, adapter, x0, *a: seen.append(x0) or real_loss(
+        model, adapter, x0, *a))  # fmt: skip
+    reference = tune(skiing, tiny_model, tmp_path / "reference", **settings)
+    monkeypatch.setattr(tuning, "training_loss", real_loss)
+    x0 = load_file(str(reference.source_path))["latents"]
+    starts = [next(s for s in range(7) if torch.equal(window[:, -4:], x0[:, s : s + 4])) for window in seen]
+    assert x0.shape[1] == 10 and len(set(starts)) > 2  # four frames in a row, from all over the clip...
+    assert all(
+        torch.equal(w[:, 0], x0[:, 0]) and w.shape[1] == (4 if s == 0 else 5) for w, s in zip(seen, starts, strict=True)
+    )
+    with ctrl_c_during_step(monkeypatch, 3, "forward"), pytest.raises(Interrupted):  # ...after the anchor frame
+        tune(skiing, tiny_model, tmp_path / "run", **settings)
+    tuning.tune_video(skiing, TuneSettings(**(SMALL | settings)), Run(tmp_path / "run"), str(tiny_model), "cpu",
+                      resume=True)  # fmt: skip
+    assert_same_run(Run(tmp_path / "run"), reference)
+
+
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(skiing, tiny_model, tmp_path, monkeypatch):
     settings = dict(steps=5, adapter_lr=1e-2, checkpoint_every=2)
     reference = tune(skiing, tiny_model, tmp_path / "reference", **settings)

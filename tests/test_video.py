@@ -123,10 +123,18 @@ def test_frame_indices_and_what_would_fit(tmp_path):
     steady = video.probe(make_video(tmp_path / "steady.mp4", 32, 32, 20))
     assert video.frame_indices(steady, 4, 3, 2) == [2, 5, 8, 11]
     assert video.frame_indices(steady, 2, 1, 18) == [18, 19]
-    with pytest.raises(VideoError, match=r"has 20 frames .*try --frames 5 or a smaller --stride"):
+    with pytest.raises(VideoError, match=r"has 20 frames .*try --frames 5, --frames all or a smaller --stride"):
         video.frame_indices(steady, 8, 4, 2)
     with pytest.raises(VideoError, match="--start must be below 20"):
         video.frame_indices(steady, 1, 1, 20)
+    # Whole clips and time ranges (10 fps): every frame at the stride, from the first at or after --from until --to.
+    assert video.frame_indices(steady, "all", 3, 2) == [2, 5, 8, 11, 14, 17]
+    assert video.frame_indices(steady, "all", 1, from_time=0.45, to_time=1.0) == [5, 6, 7, 8, 9]
+    assert video.frame_indices(steady, 2, 2, from_time=1.2) == [12, 14]
+    with pytest.raises(VideoError, match=r"has 0.50 s but --frames 6 --stride 1 --from 0 needs 0.60 s; try --frames 5"):
+        video.frame_indices(steady, 6, 1, from_time=0, to_time=0.5)
+    with pytest.raises(VideoError, match="the video lasts 2.00 s; --from 2.5 is after it"):
+        video.frame_indices(steady, "all", 1, from_time=2.5)
 
 
 def grey_ramp(count: int) -> np.ndarray:
@@ -223,5 +231,12 @@ def test_writes_never_clobber(tmp_path):
         video.write_video(np.zeros((2, 15, 16, 3), np.uint8), dest, 10, overwrite=True)
     assert dest.read_bytes() == b"precious"
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]  # no temp file left behind
-    video.write_video(frames, dest, 10, overwrite=True)
+
+    def mismatched():  # streamed frames that change size half way: refused, nothing written
+        yield from (np.zeros((16, 16, 3), np.uint8), np.zeros((16, 18, 3), np.uint8))
+
+    with pytest.raises(VideoError, match=r"frame 1 is \(16, 18, 3\), the first was \(16, 16, 3\)"):
+        video.write_video(mismatched(), dest, 10, overwrite=True)
+    assert dest.read_bytes() == b"precious" and [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+    assert video.write_video(iter(frames), dest, 10, overwrite=True) == 2  # any iterable, streamed
     assert video.probe(dest).num_frames == 2

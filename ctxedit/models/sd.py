@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,17 +160,21 @@ class StableDiffusion:
                 callback(i + 1, len(frames))
         return torch.cat(latents)[None]
 
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, callback: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Latents (1, f, c, h, w) -> uint8 frames (f, h*s, w*s, 3), one frame at a time to bound memory."""
-        frames = []
+        return np.stack(list(self.decoded_frames(latents, callback)))
+
+    def decoded_frames(
+        self, latents: torch.Tensor, callback: Callable[[int, int], None] | None = None
+    ) -> Iterator[np.ndarray]:
+        """Latents (1, f, c, h, w) -> uint8 frames (h*s, w*s, 3), decoded one by one as they are taken."""
         for i, latent in enumerate(latents[0]):
-            image = self.vae.decode((latent[None] / self.vae.config.scaling_factor).to(self.dtype)).sample
+            with torch.no_grad():
+                image = self.vae.decode((latent[None] / self.vae.config.scaling_factor).to(self.dtype)).sample
             image = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            frames.append(image[0].permute(1, 2, 0).cpu().numpy())
+            yield image[0].permute(1, 2, 0).cpu().numpy()
             if callback:
                 callback(i + 1, len(latents[0]))
-        return np.stack(frames)
 
 
 def quiet_hf_libraries() -> None:

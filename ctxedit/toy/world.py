@@ -28,9 +28,13 @@ class Shape:
     start: tuple[float, float]  # centre at frame 0, pixels
     motion: str
     speed: float
+    period: int = 0  # > 0: back and forth along `motion`, turning every `period` / 2 frames (long clips)
 
     def centre(self, frame: int) -> tuple[float, float]:
         dx, dy = MOTIONS[self.motion]
+        if self.period:
+            phase = frame % self.period
+            frame = min(phase, self.period - phase)
         return self.start[0] + dx * self.speed * frame, self.start[1] + dy * self.speed * frame
 
     def describe(self) -> str:
