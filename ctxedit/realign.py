@@ -30,9 +30,9 @@ VARIATIONS: tuple[tuple[str, float], ...] = (
     ("checkpoint", 2),
 )
 # The scores shown to track the truth on the shapes world (README, "Re-alignment"): consistency (jitter) and
-# preservation (drift). Text alignment is scored and recorded but not used: the UNet's attention mass tracks the
-# truth backwards there, the caption reward tracks it but fused with these two picked no better, and CLIP could
-# not be checked.
+# preservation (drift); the rule was chosen on development clips. Text alignment is scored and recorded but not
+# used: the UNet's attention mass tracks the truth backwards there, no rule using the caption reward did reliably
+# better, and CLIP could not be checked.
 RERANK_AXES = ("consistency", "preservation")
 
 
