@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
@@ -30,6 +31,14 @@ NOISE_SCHEDULE_C = 0.018125  # constant of the released ContextDiff video code
 Model = Callable[[torch.Tensor, int], torch.Tensor]
 Callback = Callable[[int, int], None]
 Guide = Callable[[int, torch.Tensor], torch.Tensor]  # (step, y after it) -> the y the loop continues from
+
+
+class Steps(Protocol):
+    """Where a loop keeps latents per step: a (steps, *shape) tensor, or a store indexed like one (on disk)."""
+
+    def __getitem__(self, step: int) -> torch.Tensor: ...
+    def __setitem__(self, step: int, latents: torch.Tensor) -> None: ...
+    def __len__(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -97,45 +106,50 @@ def invert(
     context: torch.Tensor | None,
     shift: ShiftSchedule,
     callback: Callback | None = None,
-) -> torch.Tensor:
+    out: Steps | None = None,
+) -> Steps:
     """Contextual DDIM inversion of clean latents x0 with a fixed context r (Tune-A-Video's next-step rule).
 
     Returns the ordinary trajectory (steps + 1, *x0.shape), noisiest first: [y_T, ..., y_0 = x0], so that
-    entry i is where sampling step i starts. Clean latents carry no shift."""
+    entry i is where sampling step i starts; kept in `out` when given. Clean latents carry no shift."""
     timesteps = scheduler.timesteps.tolist()
-    y, trajectory = x0, [x0]
+    trajectory = out if out is not None else x0.new_empty(len(timesteps) + 1, *x0.shape)
+    y = trajectory[len(timesteps)] = x0
     for i, t in enumerate(timesteps):
         alpha_cur, _ = inversion_alphas(scheduler, t)
         y = scheduler.step(model(shift.shifted(y, alpha_cur, context), t), t, y).prev_sample
-        trajectory.append(y)
+        trajectory[len(timesteps) - 1 - i] = y
         if callback:
             callback(i + 1, len(timesteps))
-    return torch.stack(trajectory[::-1])
+    return trajectory
 
 
 def reconstruction_corrections(
     model: Model,
-    trajectory: torch.Tensor,
+    trajectory: Steps,
     scheduler: DDIMScheduler,
     context_of: Callable[[torch.Tensor], torch.Tensor] | None,
     x0_init: torch.Tensor,
     shift: ShiftSchedule,
     start: int = 0,
     callback: Callback | None = None,
-) -> torch.Tensor:
+    out: Steps | None = None,
+) -> Steps:
     """Direct inversion (Ju et al. 2023): for each sampling step from `start`, how far one step of `model` from
-    a point of the source's trajectory lands from the next point. Sampling with `model` (context as in `sample`)
-    and these added after each step reproduces the trajectory exactly, whatever the guidance; an edit gets the
-    same corrections."""
-    corrections = []
+    a point of the source's trajectory lands from the next point (kept in `out` when given). Sampling with `model`
+    (context as in `sample`) and these added after each step reproduces the trajectory exactly, whatever the
+    guidance; an edit gets the same corrections."""
+    first = trajectory[start]
+    corrections = out if out is not None else first.new_empty(len(trajectory) - 1 - start, *first.shape)
 
     def back_on_trajectory(step: int, y: torch.Tensor) -> torch.Tensor:
-        corrections.append(trajectory[step + 1] - y)
-        return trajectory[step + 1]
+        target = trajectory[step + 1]
+        corrections[step - start] = target - y
+        return target
 
-    sample(model, trajectory[start], scheduler, context_of, x0_init, shift, start=start, guide=back_on_trajectory,
+    sample(model, first, scheduler, context_of, x0_init, shift, start=start, guide=back_on_trajectory,
            callback=callback)  # fmt: skip
-    return torch.stack(corrections)
+    return corrections
 
 
 def sample(

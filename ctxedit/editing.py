@@ -24,7 +24,7 @@ from ctxedit import video as videos
 from ctxedit.attention import Plan, Reweighting, WordMaps, attention_layers, blend_mask, layer_scale, stands_out
 from ctxedit.diffusion import ShiftSchedule
 from ctxedit.errors import UsageError
-from ctxedit.files import TEMPORARY, atomic_path, refuse_overwrite, sha256_of
+from ctxedit.files import TEMPORARY, atomic_path, check_free_space, refuse_overwrite, sha256_of
 from ctxedit.models.adapter import ContextAdapter
 from ctxedit.models.inflate import VideoUNet
 from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_precision
@@ -141,12 +141,44 @@ def windows_of(tuned: Tuned, settings: EditSettings) -> Windows:
     return Windows(tuned.x0.shape[1], window, settings.overlap)
 
 
-class Records:
-    """The source's records of a clip run in windows, one file per (window, timestep) in a temporary folder of the
-    run: the whole store would take ~100 MiB per frame with SD 1.5 at 512 px, one window's is in memory."""
+class SpilledSteps:
+    """Latents per step in a memory-mapped .npy file, indexed like a (steps, ...) tensor (`diffusion.Steps`), one
+    step in memory at a time: a long clip's inverted trajectory and corrections (each ~3.3 MB per frame with SD 1.5
+    at 512 px and 50 steps) stay off the GPU."""
 
-    def __init__(self, run: Run):
+    def __init__(self, array: np.ndarray, device: torch.device):
+        self.array, self.device = array, device
+
+    @classmethod
+    def create(cls, path: Path, steps: int, like: torch.Tensor) -> SpilledSteps:
+        return cls(np.lib.format.open_memmap(path, "w+", np.float32, (steps, *like.shape)), like.device)
+
+    @classmethod
+    def open(cls, path: Path, device: torch.device) -> SpilledSteps:
+        return cls(np.load(path, mmap_mode="r"), device)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[step])).to(self.device)
+
+    def __setitem__(self, step: int, latents: torch.Tensor) -> None:
+        self.array[step] = latents.float().cpu().numpy()
+
+
+SHORTER_SPAN = "free some space or edit a shorter span (--from/--to)"
+
+
+class Records:
+    """What the source pass of a clip run in windows keeps on disk, in a temporary folder of the run: its records
+    to inject, one file per (window, timestep) (the whole store would not fit in memory; one window's is), and its
+    corrections (`steps`). The first records saved tell how much the whole store takes: refused if the disk has no
+    room for it."""
+
+    def __init__(self, run: Run, windows: int, plan: Plan):
         self.folder = tempfile.TemporaryDirectory(dir=run.root, prefix=f".records{TEMPORARY}")
+        self.windows, self.plan, self.checked = windows, plan, False
 
     def _path(self, window: int, timestep: int) -> Path:
         return Path(self.folder.name) / f"{window}-{timestep}.safetensors"
@@ -154,8 +186,17 @@ class Records:
     def save(self, window: int, timestep: int, store: dict[tuple[int, str], torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
+        if store and not self.checked:
+            check_free_space(Path(self.folder.name), self._needed(store), "The source's records", SHORTER_SPAN)
+            self.checked = True
         if store:
             save_file({layer: t.contiguous() for (_, layer), t in store.items()}, str(self._path(window, timestep)))
+
+    def _needed(self, store: dict[tuple[int, str], torch.Tensor]) -> int:
+        """Bytes of the whole store, from one step's records: each layer's at every step its kind records."""
+        plan = self.plan
+        steps = lambda layer: plan.word_steps if layer in plan.cross_attention else plan.structure_steps  # noqa: E731
+        return self.windows * sum(t.nbytes * len(steps(layer)) for (_, layer), t in store.items())
 
     def load(self, window: int, timestep: int, device: torch.device) -> dict[tuple[int, str], torch.Tensor]:
         from safetensors.torch import load_file
@@ -163,6 +204,11 @@ class Records:
         path = self._path(window, timestep)
         state = load_file(str(path), device=str(device)) if path.exists() else {}
         return {(timestep, layer): t for layer, t in state.items()}
+
+    def steps(self, name: str, count: int, like: torch.Tensor) -> SpilledSteps:
+        path = Path(self.folder.name) / f"{name}.npy"
+        check_free_space(path.parent, count * like.numel() * 4, f"The source's {name}", SHORTER_SPAN)
+        return SpilledSteps.create(path, count, like)
 
 
 def predictor(
@@ -257,25 +303,37 @@ def _context_of(tuned: Tuned, text: torch.Tensor, windows: Windows):
 
 
 @torch.no_grad()
-def invert_source(tuned: Tuned, settings: EditSettings, progress: Progress | None = None) -> tuple[torch.Tensor, bool]:
+def invert_source(
+    tuned: Tuned, settings: EditSettings, progress: Progress | None = None
+) -> tuple[diffusion.Steps, bool]:
     """(the source's ordinary trajectory [y_T, ..., y_0], whether it came from the cache); computed once per
-    setting and cached in the run."""
+    setting and cached in the run, a long clip's on disk (`SpilledSteps`)."""
     from safetensors.torch import load_file, save_file
 
-    path = tuned.run.inversion_path(inversion_key(tuned, settings))
+    windows = windows_of(tuned, settings)
+    spill = len(windows.sequences) > 1
+    path = tuned.run.inversion_path(inversion_key(tuned, settings), ".npy" if spill else ".safetensors")
+    if path.exists() and spill:
+        return SpilledSteps.open(path, tuned.sd.device), True
     if path.exists():
         return load_file(str(path), device=str(tuned.sd.device))["trajectory"], True
     _, inverse = _schedulers(tuned, settings.steps)
     text = tuned.source_text if settings.inversion_prompt == "source" else tuned.sd.encode_text([""])
-    windows = windows_of(tuned, settings)
     counted, callback = _callbacks(windows, _stage(progress, "invert"))
     source_context = _context_of(tuned, tuned.source_text, windows)  # fixed: R(x0_src, c_src)
-    trajectory = diffusion.invert(
-        predictor(tuned, text, windows=windows, progress=counted, steps=settings.steps), tuned.x0, inverse,
-        source_context(tuned.x0) if source_context else None, shift_of(tuned, settings), callback,
-    )  # fmt: skip
+    if spill:
+        needed = (settings.steps + 1) * tuned.x0.numel() * 4
+        check_free_space(tuned.run.root, needed, "The inverted source of this clip", SHORTER_SPAN)
     with atomic_path(path) as tmp:
-        save_file({"trajectory": trajectory.contiguous().cpu()}, str(tmp))
+        trajectory = diffusion.invert(
+            predictor(tuned, text, windows=windows, progress=counted, steps=settings.steps), tuned.x0, inverse,
+            source_context(tuned.x0) if source_context else None, shift_of(tuned, settings), callback,
+            SpilledSteps.create(tmp, settings.steps + 1, tuned.x0) if spill else None,
+        )  # fmt: skip
+        if spill:
+            trajectory.array.flush()
+        else:
+            save_file({"trajectory": trajectory.contiguous().cpu()}, str(tmp))
     return trajectory, False
 
 
@@ -283,12 +341,12 @@ def invert_source(tuned: Tuned, settings: EditSettings, progress: Progress | Non
 class SourcePass:
     """What every edit of the source with the same settings takes from it, computed once."""
 
-    trajectory: torch.Tensor  # (steps + 1, 1, f, c, h, w): the inverted source, noisiest first
+    trajectory: diffusion.Steps  # (steps + 1, 1, f, c, h, w): the inverted source, noisiest first
     cached: bool  # the inversion came from the run's cache
-    corrections: torch.Tensor | None  # direct inversion: one per sampling step from settings.first_step
+    corrections: diffusion.Steps | None  # direct inversion: one per sampling step from settings.first_step
     plan: Plan  # what the edit takes from the source, where and when
     store: dict  # the source's recorded features and attention, keyed (timestep, layer)...
-    records: Records | None  # ...or, for a clip run in windows, per window on disk
+    records: Records | None  # ...or, for a clip run in windows, per window on disk (with the corrections)
     word_maps: WordMaps | None  # the source's cross-attention per token, for blending masks
 
 
@@ -338,20 +396,26 @@ def source_pass(tuned: Tuned, settings: EditSettings, progress: Progress | None 
     control.reset()
     control.plan, control.recording = plan, True
     windows = windows_of(tuned, settings)
-    records = Records(tuned.run) if len(windows.sequences) > 1 and plan.injects() else None
+    records = Records(tuned.run, len(windows.sequences), plan) if len(windows.sequences) > 1 else None
     if settings.blend != "off":
         latent_size = tuple(tuned.x0.shape[-2:])
         layers = _mask_layers(tuned.sd.unet, latent_size)
         control.word_maps = WordMaps(layers, latent_size, clip_frames=windows.frames, tokens=source_tokens)
     counted, callback = _callbacks(windows, _stage(progress, "source"))
+    count = settings.steps - settings.first_step
     try:
         source = predictor(tuned, tuned.source_text, _uncond(tuned, settings), settings.guidance, windows, records,
-                           counted, settings.steps - settings.first_step)  # fmt: skip
+                           counted, count)  # fmt: skip
         corrections = diffusion.reconstruction_corrections(
             source, trajectory, sampler, _context_of(tuned, tuned.source_text, windows), tuned.x0,
             shift_of(tuned, settings), settings.first_step, callback,
+            records.steps("corrections", count, tuned.x0) if records else None,
         )  # fmt: skip
         store, word_maps = control.store, control.word_maps
+    except BaseException:
+        if records:
+            records.folder.cleanup()  # now, not whenever the traceback lets go of it
+        raise
     finally:
         control.reset()
     direct = corrections if settings.inversion == "direct" else None

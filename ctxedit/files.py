@@ -63,6 +63,17 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_free_space(folder: Path, needed: int, what: str, remedy: str) -> None:
+    """Refuse, before writing, `needed` bytes that `folder`'s disk has no room for."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise RunError(f"{what} would take about {_size(needed)} in {folder}, which has {_size(free)} free; {remedy}")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
 def remove_temporaries(folder: Path) -> None:
     """Delete the temporary files and folders a killed process left in `folder` and its subfolders (never a
     finished file)."""

@@ -6,7 +6,7 @@ runs/<video-stem>/
   tuned.safetensors      the trained UNet parameters and the context adapter, nothing else
   checkpoint.pt          tuning state for --resume (removed when tuning finishes)
   checkpoints/step-<n>.safetensors   trained parameters after step n (tune --keep-checkpoints)
-  inversions/<key>.safetensors   inverted latents, keyed by every setting they depend on
+  inversions/<key>.safetensors   inverted latents, keyed by every setting they depend on (.npy: a long clip's)
   .records.tmp-*/        a clip edited in windows: the source's records per window and step (while it lasts)
   edits/<slug>.mp4       the edited videos
 """
@@ -76,8 +76,8 @@ class Run:
         names = (path.stem.removeprefix("step-") for path in self.kept_dir.glob("step-*.safetensors"))
         return sorted(int(name) for name in names if name.isdigit())
 
-    def inversion_path(self, key: str) -> Path:
-        return self.root / "inversions" / f"{key}.safetensors"
+    def inversion_path(self, key: str, suffix: str = ".safetensors") -> Path:
+        return self.root / "inversions" / f"{key}{suffix}"
 
     def edit_path(self, target: str) -> Path:
         return self.root / "edits" / f"{slugify(target)}.mp4"

@@ -150,6 +150,30 @@ def test_reconstruction_corrections_make_any_model_reproduce_the_trajectory():
     assert (unguided - x0).abs().max() > 0.1
 
 
+def test_loops_keep_their_steps_on_disk_bit_for_bit(tmp_path):
+    """A long clip's trajectory and corrections go to memory-mapped files (`editing.SpilledSteps`): the loops
+    write and read them there with exactly the numbers they keep in memory, and a reopened file gives them back."""
+    from ctxedit.editing import SpilledSteps
+
+    scheduler, shift, adapter = sd_scheduler(), ShiftSchedule("quadratic"), random_adapter(2)
+    x0, eps, r = tensors(7)
+    text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(8))
+    context_of = lambda x0_hat: adapter(x0_hat, text)  # noqa: E731
+    model = lambda x, t: eps + 0.5 * torch.tanh(x)  # noqa: E731 - depends on x: every step differs
+    in_memory = diffusion.invert(model, x0, inverse_of(scheduler), r, shift)
+    on_disk = diffusion.invert(model, x0, inverse_of(scheduler), r, shift,
+                               out=SpilledSteps.create(tmp_path / "trajectory.npy", 11, x0))  # fmt: skip
+    reopened = SpilledSteps.open(tmp_path / "trajectory.npy", x0.device)
+    assert len(reopened) == 11 and all(torch.equal(in_memory[i], reopened[i]) for i in range(11))
+    assert not torch.equal(reopened[0], reopened[10]) and torch.equal(reopened[10], x0)
+    guided = lambda x, t: model(x, t) + 3.0 * torch.tanh(2 * x)  # noqa: E731
+    kept = diffusion.reconstruction_corrections(guided, in_memory, scheduler, context_of, x0, shift, 4)
+    out = SpilledSteps.create(tmp_path / "corrections.npy", 6, x0)
+    spilled = diffusion.reconstruction_corrections(guided, on_disk, scheduler, context_of, x0, shift, 4, out=out)
+    assert len(spilled) == 6 and all(torch.equal(kept[i], spilled[i]) for i in range(6))
+    assert kept.abs().max() > 0.1
+
+
 def test_context_changes_the_trajectory_and_eta_noise_is_seeded():
     scheduler = sd_scheduler(5)
     x0, eps, r = tensors(4)

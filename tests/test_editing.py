@@ -152,7 +152,14 @@ def test_a_long_clip_is_edited_in_windows_and_reconstructs_exactly(long_clip):
         for inversion in ("direct", "plain"):
             settings = EditSettings(steps=5, guidance=7.5, inversion=inversion)
             source = editing.source_pass(long_clip, settings)
-            assert len(list(Path(source.records.folder.name).iterdir())) == 6 * 4  # windows x steps with records
+            folder = Path(source.records.folder.name)
+            assert len(list(folder.glob("*.safetensors"))) == 6 * 4  # windows x steps with records
+            assert isinstance(source.trajectory, editing.SpilledSteps)  # on disk, the run's inversion cache
+            assert [p.suffix for p in long_clip.run.root.glob("inversions/*")] == [".npy"]
+            assert source.cached == (inversion == "plain")
+            if inversion == "direct":
+                assert isinstance(source.corrections, editing.SpilledSteps) and len(source.corrections) == 5
+                assert (folder / "corrections.npy").exists()
             edited = editing.edit_latents(long_clip, source, PROMPT, settings, events.append)
             errors[inversion] = (edited - long_clip.x0).abs().max()
     finally:
@@ -160,6 +167,26 @@ def test_a_long_clip_is_edited_in_windows_and_reconstructs_exactly(long_clip):
     assert errors["direct"] < 1e-4 and errors["plain"] > 1e-2
     edit_events = [(e.done, e.total) for e in events if e.stage == "edit"]
     assert edit_events[-1] == (5 * 6, 5 * 6)  # progress counts windows of every step
-    folder = Path(source.records.folder.name)
     del source
     assert not folder.exists()  # the records go with the source pass
+
+
+def test_a_long_clip_without_room_on_disk_is_refused_before_the_work(long_clip, monkeypatch):
+    """The inverted trajectory, the corrections and the records each ask for their room first, with a way out, and
+    a refused source pass leaves nothing behind."""
+    from collections import namedtuple
+
+    from ctxedit import files
+    from ctxedit.errors import RunError
+
+    usage = namedtuple("usage", "total used free")
+    settings = EditSettings(steps=4, guidance=7.5)
+    corrections = 4 * long_clip.x0.numel() * 4  # 4 steps of float32 latents
+    for free, what in ((0, "The inverted source of this clip"), (corrections, "The source's records")):
+        monkeypatch.setattr(files.shutil, "disk_usage", lambda _, free=free: usage(1 << 40, 1 << 40, free))
+        with pytest.raises(RunError, match=f"^{what} would take about [0-9.]+ MiB in .*, which has .* free; free some"):
+            editing.source_pass(long_clip, settings)
+        if free == 0:  # the next try finds the inversion done
+            monkeypatch.undo()
+            editing.invert_source(long_clip, settings)
+    assert not list(long_clip.run.root.glob(".records*"))
