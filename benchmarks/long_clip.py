@@ -1,19 +1,23 @@
 """Whole clips in windows: edit quality over a long shapes-world clip, and memory and time against clip length.
 
-    python benchmarks/long_clip.py [--frames 120] [--tune-steps 150] [--steps 25] [--skip-cost] [--skip-quality]
+    python benchmarks/long_clip.py [--frames 120] [--tune-steps 150,600] [--steps 25] [--skip-cost] [--skip-quality]
+                                   [--development]
 
 Quality: a 120-frame clip at 8 fps (a red circle going back and forth across the frame three times, a blue square
-standing still), tuned with the demo's settings on the whole clip (`--frames all`, windows of 8) and its circle
-made green by
+standing still), tuned with the demo's settings on the whole clip (`--frames all`, windows of 8) for each of
+--tune-steps, and its circle made green by
   - ctxedit: windows of 8 after the anchor frame, 2 frames overlapping, blended at every step;
-  - naive windows: the same model, windows of 8 edited independently (no anchor, no overlap);
-  - a short clip: its first 8 frames tuned and edited alone (what one window gives);
+  - naive windows (after the first tuning): the same model, windows of 8 edited independently (no anchor, no
+    overlap);
+  - short clips: every 8 frames tuned (the first --tune-steps) and edited alone, one after the other (the quality
+    of a short clip, over the same frames);
 scored over every frame against the ground truth (`toy.metrics.score_edit`), plus flicker: how far each frame-to-
 frame change departs from the source's (mean absolute difference, 0-255), at window seams (where the windows
-covering two neighbouring frames differ) against inside windows.
+covering two neighbouring frames differ) against inside windows. `--development`: ctxedit's rows only, on two other
+clips (`development_clips`), where settings are chosen before they are measured on the clip above.
 Cost: peak memory (RSS) and time of `tune` and one `edit` (--cost-steps each) at 32, 120 and 480 frames with the
 tiny random model (32 px) and the bundled model (64 px), each in a fresh process.
-Writes benchmarks/results/long_clip_quality.md and long_clip_cost.md.
+Writes benchmarks/results/long_clip_quality.md (or long_clip_development.md) and long_clip_cost.md.
 """
 
 from __future__ import annotations
@@ -56,12 +60,36 @@ def long_clip(frames: int) -> Clip:
     )
 
 
-def tuned_on(clip: Clip, folder: Path, tune_steps: int, device: str, frames: int | str = "all") -> editing.Tuned:
+def development_clips(frames: int) -> list[tuple[Clip, str]]:
+    """Other long clips, with the colour their moving object is given: settings are chosen on these, then
+    measured on `long_clip`."""
+    down = Clip(
+        objects=(
+            Shape("triangle", "blue", radius=7.0, start=(22.0, 12.0), motion="down", speed=0.9, period=64),
+            Shape("square", "yellow", radius=6.0, start=(50.0, 14.0), motion="still", speed=0.0),
+        ),
+        background="white",
+        frames=frames,
+    )
+    left = Clip(
+        objects=(
+            Shape("square", "green", radius=7.0, start=(52.0, 42.0), motion="left", speed=0.8, period=96),
+            Shape("circle", "red", radius=7.0, start=(16.0, 14.0), motion="still", speed=0.0),
+        ),
+        background="black",
+        frames=frames,
+    )
+    return [(down, "red"), (left, "yellow")]
+
+
+def tuned_on(
+    clip: Clip, folder: Path, tune_steps: int, device: str, frames: int | str = "all", start: int = 0
+) -> editing.Tuned:
     source = folder / "source.mp4"
     videos.write_video(clip.render()[0], source, FPS)
-    settings = TuneSettings(**(TUNING | {"frames": frames, "window": WINDOW, "steps": tune_steps}), prompt=clip.caption)
+    chosen = TUNING | {"frames": frames, "start": start, "window": WINDOW, "steps": tune_steps}
     run = Run(folder / "run")
-    tune_video(source, settings, run, str(toy_model()), device=device)
+    tune_video(source, TuneSettings(**chosen, prompt=clip.caption), run, str(toy_model()), device=device)
     return editing.load_tuned(run, device)
 
 
@@ -78,41 +106,56 @@ def flicker(frames: np.ndarray, source: np.ndarray, sequences: list[list[int]], 
     return float(change[seams].mean()), float(change[[not s for s in seams]].mean())
 
 
-def quality(frames: int, tune_steps: int, steps: int, device: str) -> list[dict]:
-    clip = long_clip(frames)
-    target = clip.edited(0, colour="green")
+def quality(
+    clip: Clip, colour: str, tune_steps: list[int], steps: int, device: str, baselines: bool = True
+) -> list[dict]:
+    """Rows: the whole clip tuned `tune_steps[k]` steps and edited in ctxedit's windows, its moving object given
+    `colour`; with `baselines`, also naive windows after the first tuning and every 8 frames tuned and edited alone
+    with the first tuning's steps."""
+    frames = clip.frames
+    target = clip.edited(0, colour=colour)
     source_frames, _ = clip.render()
     settings = EditSettings(steps=steps, guidance=GUIDANCE, seed=0, overlap=OVERLAP)
     rows = []
+
+    def row(name: str, edited: np.ndarray, sequences: list[list[int]], tune_s: float, edit_s: float) -> None:
+        seam, inside = flicker(edited, source_frames, sequences, WINDOW)
+        score = score_edit(clip, target, 0, source_frames, edited)
+        name = name if baselines else f"{clip.objects[0].describe()}: {name}"
+        rows.append({"method": name, "frames": frames, "windows": len(sequences), "tune_s": tune_s,
+                     "edit_s": edit_s, "seam": seam, "inside": inside, **vars(score)})  # fmt: skip
+        print(rows[-1], flush=True)
+
     with tempfile.TemporaryDirectory() as folder:
-        started = time.perf_counter()
-        tuned = tuned_on(clip, Path(folder) / "long", tune_steps, device)
-        tuning = time.perf_counter() - started
-        for name in ("ctxedit windows", "naive windows"):
-            naive = name.startswith("naive")
-            chosen = EditSettings(**(settings.to_dict() | {"overlap": 0})) if naive else settings
-            real_anchor = editing.with_anchor
-            if naive:  # each window on its own: no anchor frame
-                editing.with_anchor = lambda first, size: list(range(first, first + size))
-            try:
-                started = time.perf_counter()
-                edited = edit(tuned, target.caption, chosen)
-                sequences = editing.windows_of(tuned, chosen).sequences
-            finally:
-                editing.with_anchor = real_anchor
-            seam, inside = flicker(edited, source_frames, sequences, WINDOW)
-            rows.append({"method": name, "frames": frames, "windows": len(sequences), "tune_s": tuning,
-                         "edit_s": time.perf_counter() - started, "seam": seam, "inside": inside,
-                         **vars(score_edit(clip, target, 0, source_frames, edited))})  # fmt: skip
-        short, short_target = long_clip(WINDOW), long_clip(WINDOW).edited(0, colour="green")
-        started = time.perf_counter()
-        tuned = tuned_on(short, Path(folder) / "short", tune_steps, device, frames=WINDOW)
-        tuning = time.perf_counter() - started
-        started = time.perf_counter()
-        edited = edit(tuned, short_target.caption, settings)
-        score = score_edit(short, short_target, 0, short.render()[0], edited)
-        rows.append({"method": "short clip (first 8 frames)", "frames": WINDOW, "windows": 1, "tune_s": tuning,
-                     "edit_s": time.perf_counter() - started, "seam": None, "inside": None, **vars(score)})  # fmt: skip
+        for n, tune_s in enumerate(tune_steps):
+            started = time.perf_counter()
+            tuned = tuned_on(clip, Path(folder) / f"long-{n}", tune_s, device)
+            tuning = time.perf_counter() - started
+            for name in ("ctxedit windows", "naive windows")[: 2 if n == 0 and baselines else 1]:
+                naive = name.startswith("naive")
+                chosen = EditSettings(**(settings.to_dict() | {"overlap": 0})) if naive else settings
+                real_anchor = editing.with_anchor
+                if naive:  # each window on its own: no anchor frame
+                    editing.with_anchor = lambda first, size: list(range(first, first + size))
+                try:
+                    started = time.perf_counter()
+                    edited = edit(tuned, target.caption, chosen)
+                    sequences = editing.windows_of(tuned, chosen).sequences
+                finally:
+                    editing.with_anchor = real_anchor
+                row(f"{name}, tuned {tune_s} steps", edited, sequences, tuning, time.perf_counter() - started)
+        chunks, tuning, editing_s = [], 0.0, 0.0
+        for first in range(0, frames, WINDOW) if baselines else ():  # short clips: every 8 frames on their own
+            started = time.perf_counter()
+            tuned = tuned_on(clip, Path(folder) / f"short-{first}", tune_steps[0], device, WINDOW, first)
+            tuning += time.perf_counter() - started
+            started = time.perf_counter()
+            chunks.append(edit(tuned, target.caption, settings))
+            editing_s += time.perf_counter() - started
+        sequences = [list(range(first, first + WINDOW)) for first in range(0, frames, WINDOW)]
+        if chunks:
+            row(f"short clips: every 8 frames alone, tuned {tune_steps[0]} steps each", np.concatenate(chunks),
+                sequences, tuning, editing_s)  # fmt: skip
     return rows
 
 
@@ -191,20 +234,29 @@ def cost_report(rows: list[dict], header: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=120)
-    parser.add_argument("--tune-steps", type=int, default=150)
+    parser.add_argument("--tune-steps", default="150", help="tuning steps of the whole clip, comma-separated")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--development", action="store_true", help="quality on the development clips instead")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--cost-steps", type=int, default=5, help="tuning and DDIM steps of the cost rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.skip_quality:
-        header = (f"Tuned {args.tune_steps} steps, edited with {args.steps} DDIM steps at guidance {GUIDANCE:g} and "
+        tune_steps = [int(n) for n in args.tune_steps.split(",")]
+        header = (f"Edited with {args.steps} DDIM steps at guidance {GUIDANCE:g} and "
                   f"ctxedit's structure defaults; {machine(args.device)}.")  # fmt: skip
-        text = quality_report(quality(args.frames, args.tune_steps, args.steps, args.device), header)
-        (args.out / "long_clip_quality.md").write_text(text)
+        if args.development:
+            clips = development_clips(args.frames)
+            rows = [row for clip, colour in clips for row in quality(clip, colour, tune_steps, args.steps,
+                                                                     args.device, baselines=False)]  # fmt: skip
+        else:
+            rows = quality(long_clip(args.frames), "green", tune_steps, args.steps, args.device)
+        text = quality_report(rows, header)
+        name = "long_clip_development.md" if args.development else "long_clip_quality.md"
+        (args.out / name).write_text(text)
         print(text)
     if not args.skip_cost:
         header = f"Each row a fresh process, ctxedit's defaults otherwise; {machine(args.device)}."

@@ -132,7 +132,7 @@ def describe_plan(job: Job, root: Path, overwrite: bool) -> str:
         return f"fails: {error}"
     steps = {"tuned": "tuned already", "resume": "resume tuning", "tune": "tune", "retune": "tune again"}[plan]
     if plan != "tuned":
-        steps += f" {job.tune.steps} steps"
+        steps += f" (--steps {job.tune.steps})"
     return f"{steps}; edits {todo} to do, {len(job.edits) - todo} done"
 
 

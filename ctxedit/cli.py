@@ -15,7 +15,15 @@ from rich.console import Console
 from rich.table import Table
 
 from ctxedit.errors import CtxEditError
-from ctxedit.settings import DEFAULT_MODEL, EditSettings, OutputSettings, TuneSettings, default_model
+from ctxedit.settings import (
+    DEFAULT_MODEL,
+    STEPS,
+    STEPS_GROWTH,
+    EditSettings,
+    OutputSettings,
+    TuneSettings,
+    default_model,
+)
 
 app = typer.Typer(
     help="Text-driven video editing: tune once on a clip, then edit it with any number of target texts.",
@@ -169,7 +177,9 @@ def tune(
         int, typer.Option(help="Short side in pixels (rounded to the model's multiple).")
     ] = TuneSettings.size,
     crop: Annotated[str, typer.Option(help="none (keep aspect ratio) | center (square).")] = TuneSettings.crop,
-    steps: Annotated[int, typer.Option(help="Tuning steps.")] = TuneSettings.steps,
+    steps: Annotated[
+        str, typer.Option(help=f"Tuning steps, or 'auto': {STEPS}, x (frames / window)^{STEPS_GROWTH:g} if longer.")
+    ] = TuneSettings.steps,
     lr: Annotated[float, typer.Option(help="Learning rate of the UNet parameters.")] = TuneSettings.lr,
     adapter_lr: Annotated[float, typer.Option(help="Learning rate of the context adapter.")] = TuneSettings.adapter_lr,
     context: Annotated[

@@ -17,6 +17,8 @@ BLEND_MODES = ("auto", "off")  # or the words to blend, e.g. "circle" or "man,ha
 REALIGN_MODES = ("auto", "off")
 SCORERS = ("attention", "caption", "clip")
 OUTPUT_SIZES = ("processed", "source")
+STEPS = 300  # tuning steps of a clip that fits one window: between the two releases (500 and 200)
+STEPS_GROWTH = 0.5  # --steps auto: STEPS x (frames / window) ** this for a longer clip (benchmarks/long_clip.py)
 
 
 def default_model() -> str:
@@ -71,7 +73,7 @@ class TuneSettings:
     window: int = 8  # frames the model sees at once; longer selections are tuned and edited in windows
     size: int = 512  # short side in pixels, SD 1.x's native resolution
     crop: str = "none"  # keep the aspect ratio; "center" gives a square
-    steps: int = 300  # between the two releases (500 and 200)
+    steps: int | str = "auto"  # "auto": STEPS, growing with a clip longer than the window (steps_for)
     lr: float = 3e-5  # Tune-A-Video's UNet learning rate
     adapter_lr: float = 1e-4  # higher than the UNet's: the adapter starts from a zero head
     context: str = "quadratic"  # shift schedule; "off" is exact Tune-A-Video
@@ -87,13 +89,14 @@ class TuneSettings:
             raise UsageError("--prompt is empty; describe the source video, e.g. --prompt 'a man is skiing'")
         _choice("--crop", self.crop, CROPS)
         _choice("--context", self.context, CONTEXTS)
-        if self.frames != "all":
-            try:
-                object.__setattr__(self, "frames", int(self.frames))
-            except ValueError:
-                raise UsageError(f"--frames takes a number or 'all', got {self.frames!r}") from None
+        for flag, name, word in (("--frames", "frames", "all"), ("--steps", "steps", "auto")):
+            if getattr(self, name) != word:
+                try:
+                    object.__setattr__(self, name, int(getattr(self, name)))
+                except ValueError:
+                    raise UsageError(f"{flag} takes a number or '{word}', got {getattr(self, name)!r}") from None
         for flag, value in (("--frames", self.frames), ("--stride", self.stride), ("--steps", self.steps)):
-            _at_least(flag, 1 if value == "all" else value, 1)
+            _at_least(flag, 1 if value in ("all", "auto") else value, 1)
         _at_least("--start", self.start, 0)
         _at_least("--window", self.window, 2)
         object.__setattr__(self, "from_time", parse_time("--from", self.from_time))
@@ -110,6 +113,13 @@ class TuneSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def steps_for(self, frames: int) -> int:
+        """The tuning steps of a selection of `frames`: --steps, or for "auto" STEPS, times (frames / window) **
+        STEPS_GROWTH for a clip longer than the window (each step sees one window of it)."""
+        if self.steps != "auto":
+            return self.steps
+        return round(STEPS * max(1.0, frames / self.window) ** STEPS_GROWTH)
 
     def differences(self, recorded: dict, ignore: tuple[str, ...] = ("steps",)) -> list[str]:
         """Settings that differ from a recorded run, as 'name: recorded -> now' (a setting recorded before it

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -296,6 +296,7 @@ def tune_video(
     indices = videos.frame_indices(
         info, settings.frames, settings.stride, settings.start, settings.from_time, settings.to_time
     )
+    settings = replace(settings, steps=settings.steps_for(len(indices)))  # recorded as the number it ran
     source = _describe_source(video, info)
     if recorded and recorded["video"]["sha256"] != source["sha256"]:
         raise RunError(f"--resume needs the same video; {video} differs from the one {run.root} was tuned on")

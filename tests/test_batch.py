@@ -58,9 +58,9 @@ def test_every_bad_preset_is_refused_with_file_job_and_key(tmp_path, skiing):
     bad(tmp_path, "job: []\n", "unknown key 'job'; expected one of defaults, jobs")
     bad(tmp_path, f"jobs:\n- {{{video_line}, prompt: x, edits: [y], colour: red}}\n", "job 1: unknown key 'colour'")
     text = f"jobs:\n- {{name: ski, {video_line}, prompt: x, edits: [y], tune: {{steps: many}}}}\n"
-    bad(tmp_path, text, r"job 'ski': tune.steps: expected int, got 'many'")
+    bad(tmp_path, text, r"job 'ski': tune: --steps takes a number or 'auto', got 'many'")
     text = f"jobs:\n- {{name: ski, {video_line}, prompt: x, edits: [y], tune: {{steps: true}}}}\n"
-    bad(tmp_path, text, "tune.steps: expected int, got True")
+    bad(tmp_path, text, "tune.steps: expected int or str, got True")
     text = f"jobs:\n- {{name: ski, {video_line}, prompt: x, edits: [y], tune: {{steps: 0}}}}\n"
     bad(tmp_path, text, "job 'ski': tune: --steps must be a number >= 1")
     text = f"jobs:\n- {{name: ski, {video_line}, prompt: x, edits: [y], output: {{size: huge}}}}\n"

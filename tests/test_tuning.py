@@ -229,6 +229,20 @@ def test_a_long_clip_is_tuned_a_window_at_a_time_and_resumes_bit_identically(ski
     assert_same_run(Run(tmp_path / "run"), reference)
 
 
+def test_auto_steps_grow_with_a_clip_longer_than_the_window(skiing, tiny_model, tmp_path, monkeypatch):
+    """--steps auto: 300 for a clip that fits a window, 300 x sqrt(frames / window) beyond; the run records the
+    number it ran, and an explicit --steps is taken as given."""
+    from ctxedit import settings as settings_module
+
+    auto = TuneSettings(prompt="a man is skiing")
+    assert [auto.steps_for(n) for n in (1, 8, 32, 120, 480)] == [300, 300, 600, 1162, 2324]
+    assert TuneSettings(prompt="a man is skiing", steps=50).steps_for(480) == 50
+    monkeypatch.setattr(settings_module, "STEPS", 2)
+    run = tune(skiing, tiny_model, tmp_path / "run", frames=10, window=4, steps="auto")
+    record = run.read_record()
+    assert record["settings"]["steps"] == 3 == record["tuning"]["steps_done"]  # round(2 * sqrt(10 / 4))
+
+
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(skiing, tiny_model, tmp_path, monkeypatch):
     settings = dict(steps=5, adapter_lr=1e-2, checkpoint_every=2)
     reference = tune(skiing, tiny_model, tmp_path / "reference", **settings)
