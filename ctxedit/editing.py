@@ -171,8 +171,8 @@ SHORTER_SPAN = "free some space or edit a shorter span (--from/--to)"
 
 
 class Records:
-    """What the source pass of a clip run in windows keeps on disk, in a temporary folder of the run: its records
-    to inject, one file per (window, timestep) (the whole store would not fit in memory; one window's is), and its
+    """What the source pass of a clip run in windows keeps on disk, in a temporary folder of the run: its records to
+    inject, one file per (window, timestep) (the store grows with the clip; one window's is in memory), and its
     corrections (`steps`). The first records saved tell how much the whole store takes: refused if the disk has no
     room for it."""
 
