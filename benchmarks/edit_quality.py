@@ -2,7 +2,7 @@
 the ground truth.
 
     python benchmarks/edit_quality.py [--clips 16] [--seeds 1] [--tune-steps 150] [--steps 25] [--ablation]
-                                      [--device cpu|cuda] [--jobs N]
+                                      [--pretrained MODEL ...] [--device cpu|cuda] [--jobs N]
 
 Methods, same budget (DDIM steps, guidance, tuning steps): the image model per frame (no inflation, no
 tuning), the inflated video UNet without tuning, Tune-A-Video (tuned, context off) and ContextDiff (tuned,
@@ -14,7 +14,9 @@ one-object clips, of the second in two-object clips, so that binding says whethe
 plus a reconstruction (target = the source caption), scored against the VAE reconstruction of the source.
 Writes benchmarks/results/edit_quality.md (mean and 95% interval over clips and seeds) and edit_quality.png.
 `--ablation` compares ContextDiff's choices (shift schedule, context scale, adapter learning rate) with plain
-edits and writes edit_quality_ablation.md. The report is rewritten after every clip, so a stopped run leaves what
+edits and writes edit_quality_ablation.md. `--pretrained MODEL ...` compares tuning from pre-trained context
+adapters with Tune-A-Video and a fresh adapter, all with the defaults (`context_methods`), and writes
+edit_quality_context.md. The report is rewritten after every clip, so a stopped run leaves what
 it measured. `--jobs N` scores N clips at once in worker processes (on a GPU, where one tiny-model process
 leaves it mostly idle).
 """
@@ -40,6 +42,7 @@ from stages import PeakMemory
 from ctxedit import editing
 from ctxedit.attention import Control, store_bytes
 from ctxedit.diffusion import ShiftSchedule
+from ctxedit.models import adapter as adapters
 from ctxedit.models.sd import StableDiffusion, load_sd
 from ctxedit.models.trained import build, save_trained
 from ctxedit.runs import Run
@@ -69,6 +72,8 @@ class Method:
     context_scale: float = 1.0
     adapter_lr: float = TUNING["adapter_lr"]
     edits: tuple[str, ...] = tuple(EDITS)  # the edit settings it is measured with
+    model: Path | None = None  # another SD-format model than the bundled one (same VAE)
+    adapter: Path | None = None  # a pre-trained adapter folder to tune from; None: a fresh adapter
 
 
 METHODS = (
@@ -85,6 +90,23 @@ ABLATION = (
     Method("ContextDiff, context scale 2", context_scale=2.0, edits=("plain",)),
     Method("ContextDiff, adapter lr 1e-4", adapter_lr=1e-4, edits=("plain",)),
 )
+
+
+def context_methods(models: list[Path]) -> tuple[Method, ...]:
+    """Tune-A-Video and ContextDiff from a fresh adapter, with the defaults, and for each model folder with a
+    pre-trained adapter (`python -m ctxedit.toy.train --context`): ContextDiff tuned from that adapter, and
+    Tune-A-Video on that model when its UNet is not the bundled one (trained with the adapter, --joint)."""
+    methods = [Method("Tune-A-Video", context="off", edits=("defaults",)), Method("ContextDiff", edits=("defaults",))]
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    for model in models:
+        adapter = adapters.find_pretrained(str(model), model)  # MODEL/adapter, or a clear error
+        name = f"ContextDiff, pre-trained ({model.name})"
+        methods.append(Method(name, edits=("defaults",), model=model, adapter=adapter))
+        if (model / unet).read_bytes() != (toy_model() / unet).read_bytes():
+            methods.append(Method(f"Tune-A-Video ({model.name})", context="off", edits=("defaults",), model=model))
+    return tuple(methods)
+
+
 HELD_OUT_SEED = 2025  # training used seeds 0-1, tests 0-99 of their own; ctxedit's defaults were chosen on 2024's
 RESULTS = Path(__file__).resolve().parent / "results"
 GUIDANCE = 5.0
@@ -129,7 +151,7 @@ def method_model(sd: StableDiffusion, method: Method, x0, text, seed: int, tune_
     shift = ShiftSchedule(method.context, method.context_scale)
     if not method.inflated:
         return sd, PerFrameUNet(sd.unet), None, shift
-    model, adapter = build(sd, shift.active, seed)
+    model, adapter = build(sd, shift.active, seed, method.adapter)
     if method.tuned:
         settings = TuneSettings(
             prompt="-", steps=tune_steps, seed=seed, context=method.context, context_scale=method.context_scale,
@@ -146,13 +168,14 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255**2 / max(mse, 1e-10)))
 
 
-def run_clip(sd, clip: Clip, edits, methods, seeds: list[int], tune_steps: int, steps: int) -> list[dict]:
+def run_clip(bundled, clip: Clip, edits, methods, seeds: list[int], tune_steps: int, steps: int) -> list[dict]:
     source_frames, _ = clip.render()
-    x0 = sd.encode_frames(source_frames)
-    text = sd.encode_text([clip.caption])
-    reconstruction = sd.decode_latents(x0)
+    x0 = bundled.encode_frames(source_frames)
+    reconstruction = bundled.decode_latents(x0)
     rows = []
     for method in methods:
+        sd = bundled if method.model is None else load_sd(str(method.model), bundled.device, torch.float32)
+        text = sd.encode_text([clip.caption])
         for seed in seeds if method.tuned else seeds[:1]:  # untuned methods ignore the seed
             started = time.perf_counter()
             method_sd, model, adapter, shift = method_model(sd, method, x0, text, seed, tune_steps)
@@ -311,21 +334,31 @@ def main() -> None:
     parser.add_argument("--tune-steps", type=int, default=150)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps of inversion and of sampling")
     parser.add_argument("--ablation", action="store_true", help="ContextDiff's choices against Tune-A-Video")
+    parser.add_argument(
+        "--pretrained", type=Path, nargs="+", metavar="MODEL", help="compare tuning from these models' pre-trained "
+        "context adapters with Tune-A-Video and a fresh adapter (defaults only); writes edit_quality_context.md"
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--jobs", type=int, default=1, help="clips scored at once, each in its own process")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report")
     args = parser.parse_args()
     if args.clips < 1 or args.jobs < 1:
         parser.error("--clips and --jobs must be at least 1")
-    methods = ABLATION if args.ablation else METHODS
+    if args.ablation and args.pretrained:
+        parser.error("--ablation and --pretrained are separate studies")
+    methods = ABLATION if args.ablation else context_methods(args.pretrained) if args.pretrained else METHODS
+    study = "ablation" if args.ablation else "context" if args.pretrained else None
 
     rng = np.random.default_rng(HELD_OUT_SEED)
     jobs = []
     for i in range(args.clips):
         clip = random_clip(rng, frames=8, objects=1 + i % 2)
         jobs.append((clip, edits_for(clip, rng), methods, list(range(args.seeds)), args.tune_steps, args.steps))
-    name = "edit_quality_ablation" if args.ablation else "edit_quality"
-    title = "Edit quality on the shapes world" + (": ContextDiff ablation" if args.ablation else "")
+    name = f"edit_quality_{study}" if study else "edit_quality"
+    title = (
+        "Edit quality on the shapes world"
+        + {"ablation": ": ContextDiff ablation", "context": ": pre-trained context adapters", None: ""}[study]
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for done, clip_rows, minutes in in_workers(run_clip, jobs, args.device, args.jobs):
@@ -338,7 +371,7 @@ def main() -> None:
         )
         report = f"# {title}\n\n{settings}; mean ± 95% interval over clips and seeds.\n\n{table(rows, methods)}\n"
         (args.out / f"{name}.md").write_text(report)
-    if not args.ablation:
+    if study is None:
         plot(rows, args.out / f"{name}.png")
     print(report)
 

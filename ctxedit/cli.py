@@ -186,6 +186,13 @@ def tune(
         str, typer.Option(help="Shift schedule: quadratic | prior | noise | off (Tune-A-Video).")
     ] = TuneSettings.context,
     context_scale: Annotated[float, typer.Option(help="Scale of the context shift.")] = TuneSettings.context_scale,
+    adapter: Annotated[
+        str,
+        typer.Option(
+            help="Context adapter to start from: fresh (zero head: starts as Tune-A-Video), auto (the model's "
+            "pre-trained adapter/ if it has one, else fresh) or the folder of a pre-trained adapter."
+        ),
+    ] = TuneSettings.adapter,
     seed: Annotated[int, typer.Option(help="Seed of initialization, timesteps and noise.")] = TuneSettings.seed,
     checkpoint_every: Annotated[
         int, typer.Option(help="Steps between resumable checkpoints.")
@@ -209,7 +216,7 @@ def tune(
     settings = TuneSettings(
         prompt=prompt, frames=frames, stride=stride, start=start, from_time=from_time, to_time=to_time, window=window,
         size=size, crop=crop, steps=steps, lr=lr,
-        adapter_lr=adapter_lr, context=context, context_scale=context_scale, seed=seed,
+        adapter_lr=adapter_lr, context=context, context_scale=context_scale, adapter=adapter, seed=seed,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
     )  # fmt: skip
     from ctxedit.runs import Run, default_run

@@ -11,6 +11,7 @@ from ctxedit.errors import UsageError
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # overridden by $CTXEDIT_MODEL
 CONTEXTS = ("quadratic", "prior", "noise", "off")
 CROPS = ("none", "center")
+ADAPTERS = ("auto", "fresh")  # or the folder of a pre-trained adapter
 INVERSION_PROMPTS = ("source", "empty")
 INVERSIONS = ("direct", "plain", "negative")
 BLEND_MODES = ("auto", "off")  # or the words to blend, e.g. "circle" or "man,hat"
@@ -78,6 +79,7 @@ class TuneSettings:
     adapter_lr: float = 1e-4  # higher than the UNet's: the adapter starts from a zero head
     context: str = "quadratic"  # shift schedule; "off" is exact Tune-A-Video
     context_scale: float = 1.0
+    adapter: str = "fresh"  # zero head; "auto": MODEL/adapter if any (pre-trained ones measured no better); a folder
     seed: int = 33
     weight_decay: float = 1e-2  # AdamW, as Tune-A-Video
     max_grad_norm: float = 1.0  # clipped per group: UNet and adapter separately
@@ -109,6 +111,8 @@ class TuneSettings:
         _at_least("--lr", self.lr, 0)
         _at_least("--adapter-lr", self.adapter_lr, 0)
         _at_least("--context-scale", abs(self.context_scale), 0)
+        if self.adapter not in ADAPTERS and (self.context == "off" or self.context_scale == 0):
+            raise UsageError("--adapter PATH needs the context on: --context quadratic, prior or noise")
         _at_least("--checkpoint-every", self.checkpoint_every, 1)
 
     def to_dict(self) -> dict:

@@ -24,7 +24,7 @@ from ctxedit import video as videos
 from ctxedit.diffusion import ShiftSchedule
 from ctxedit.errors import Interrupted, RunError, TuningDiverged
 from ctxedit.files import atomic_path, sha256_of
-from ctxedit.models.adapter import ContextAdapter
+from ctxedit.models.adapter import WEIGHTS, ContextAdapter, find_pretrained
 from ctxedit.models.inflate import VideoUNet
 from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_precision
 from ctxedit.models.trained import build, load_trained_state, save_trained, trained_state
@@ -311,7 +311,9 @@ def tune_video(
     x0, text = _encode_source(sd, info, indices, (width, height), settings.prompt, run, progress)
     encoded = time.perf_counter()
 
-    model, adapter = build(sd, ShiftSchedule(settings.context, settings.context_scale).active, settings.seed)
+    with_context = ShiftSchedule(settings.context, settings.context_scale).active
+    pretrained = find_pretrained(settings.adapter, Path(sd.source.path)) if with_context else None
+    model, adapter = build(sd, with_context, settings.seed, pretrained)
     if torch_device.type == "cuda":
         sd.unet.enable_gradient_checkpointing()  # ~2x less activation memory for ~30% more time
     record = {
@@ -328,6 +330,7 @@ def tune_video(
         "size": {"width": width, "height": height, "latent": list(x0.shape[-2:])},
         "fps": source["fps"] / settings.stride,
         "settings": settings.to_dict(),
+        "adapter": {"pretrained": str(pretrained), "sha256": sha256_of(pretrained / WEIGHTS)} if pretrained else None,
         "runtime": {"device": str(torch_device), "precision": str(dtype).removeprefix("torch.")},
         "timings": {"load_s": loaded - started, "encode_s": encoded - loaded},
         "edits": recorded.get("edits", []) if recorded else [],

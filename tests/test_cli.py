@@ -237,6 +237,9 @@ def test_bad_settings_and_models(tiny_model, skiing, tmp_path):
         match="not a diffusers Stable Diffusion folder",
     )
     fails("tune", skiing, "--prompt", "x", "--model", "./nowhere", match="does not exist")
+    fails("tune", skiing, "--prompt", "x", "--model", tiny_model, *FAST, "--adapter", "./nowhere",
+          match="no pre-trained context adapter in ./nowhere")  # fmt: skip
+    fails("tune", skiing, "--prompt", "x", "--context", "off", "--adapter", tiny_model, match="needs the context on")
 
 
 def test_scheduler_options_the_inversion_cannot_use(tiny_model, skiing, tmp_path):

@@ -1,6 +1,7 @@
 """The shapes world: generator, detectors, metrics, the bundled model, the demo and the training script."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -10,7 +11,10 @@ from typer.testing import CliRunner
 
 from ctxedit.cli import app
 from ctxedit.files import atomic_folder
+from ctxedit.models import adapter as adapters
+from ctxedit.models.adapter import AdapterConfig, ContextAdapter
 from ctxedit.models.sd import load_sd
+from ctxedit.models.trained import build
 from ctxedit.toy import train
 from ctxedit.toy.demo import CLIP, run_demo, toy_model
 from ctxedit.toy.detect import detect, shows
@@ -125,6 +129,72 @@ def test_the_training_script_runs_every_stage(tmp_path):
         (partial / "config.json").write_text("{}")
         raise RuntimeError("killed")
     assert (out / "vae/config.json").read_text() == config and not list(out.glob(".*"))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_the_context_stage_trains_the_adapter_alone_and_resumes_exactly(tmp_path):
+    sd = load_sd(str(toy_model()), torch.device("cpu"), torch.float32)
+    config = train.TrainConfig(unet_batch=4, checkpoint_every=2)
+    latents, captions = torch.randn(16, 4, 16, 16), [clip.caption for clip in clips(3, 16)]
+    unet_before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+
+    def pretrain(work, checkpoints=train.Checkpoints) -> ContextAdapter:
+        torch.manual_seed(0)
+        adapter = ContextAdapter(AdapterConfig(text_dim=128))
+        train.train_unet(sd.unet, sd.text_encoder, sd.tokenizer, latents, captions, 1.0, config, checkpoints(work),
+                         "cpu", name="context", steps=4, lr=1e-4, seed=0, adapter=adapter, trained=("adapter",),
+                         adapter_lr=1e-3)  # fmt: skip
+        return adapter
+
+    class StopAfterFirstSave(train.Checkpoints):
+        def save(self, name, state):
+            super().save(name, state)
+            raise Killed
+
+    whole = pretrain(tmp_path / "whole")
+    with pytest.raises(Killed):
+        pretrain(tmp_path / "resumed", StopAfterFirstSave)
+    resumed = pretrain(tmp_path / "resumed")
+    assert whole.head.weight.abs().max() > 0  # trained away from its zero head...
+    resumed_state = resumed.state_dict()
+    assert all(torch.equal(tensor, resumed_state[name]) for name, tensor in whole.state_dict().items())
+    assert all(torch.equal(v, sd.unet.state_dict()[k]) for k, v in unet_before.items())  # ...the UNet frozen
+
+
+def test_the_context_stage_saves_an_adapter_beside_the_model(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(toy_model(), model)
+    unet_file = (model / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    small = ["--context-steps", "2", "--images", "32", "--refine-images", "32", "--eval-captions", "4"]
+    train.main(["--vae", str(model), "--context", "--work", str(tmp_path / "work"), *small])
+    config = json.loads((model / "adapter/config.json").read_text())
+    report = json.loads((model / "adapter/training.json").read_text())
+    assert config["text_dim"] == 128 and config["shift"] == {"kind": "quadratic", "scale": 1.0}
+    assert report["trained"] == ["adapter"] and report["steps"] == 2
+    assert report["accuracy"]["with_context"]["context"] and not report["accuracy"]["without_context"]["context"]
+    assert (model / "unet/diffusion_pytorch_model.safetensors").read_bytes() == unet_file
+    assert adapters.find_pretrained("auto", model) == model / "adapter"
+
+    # --joint trains the UNet and text encoder with it (the paper's recipe) and saves them into the model too.
+    unet = load_sd(str(model), torch.device("cpu"), torch.float32).unet.state_dict()
+    train.main(["--vae", str(model), "--context", "--joint", "--work", str(tmp_path / "work"), *small])
+    trained = train.Checkpoints(tmp_path / "work").load("context-joint")["unet"]  # before the EMA (2 steps: ~0)
+    assert any(not torch.equal(trained[k], unet[k]) for k in unet)
+    assert json.loads((model / "adapter/training.json").read_text())["trained"] == ["unet", "text_encoder", "adapter"]
+    with pytest.raises(SystemExit):
+        train.main(["--context"])  # needs --vae MODEL
+
+
+def test_the_bundled_model_ships_its_pretrained_adapter():
+    sd = load_sd(str(toy_model()), torch.device("cpu"), torch.float32)
+    folder = adapters.find_pretrained("auto", toy_model())
+    _, adapter = build(sd, with_adapter=True, seed=0, pretrained=folder)
+    assert adapter.head.weight.abs().max() > 0  # pre-trained, not the zero head
+    report = json.loads((folder / "training.json").read_text())
+    assert report["trained"] == ["adapter"] and report["steps"] == 1500
 
 
 def test_the_demo_runs_end_to_end(tmp_path):

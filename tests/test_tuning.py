@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import signal
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,11 @@ from safetensors.torch import load_file, save_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ctxedit import editing, tuning
-from ctxedit.errors import Interrupted, RunError, TuningDiverged
+from ctxedit.errors import Interrupted, ModelError, RunError, TuningDiverged, UsageError
+from ctxedit.files import sha256_of
+from ctxedit.models import adapter as adapters
+from ctxedit.models.adapter import AdapterConfig, ContextAdapter
+from ctxedit.models.sd import load_sd
 from ctxedit.runs import Run
 from ctxedit.settings import EditSettings, TuneSettings
 
@@ -271,3 +277,46 @@ def test_a_nan_loss_stops_tuning_and_keeps_the_last_good_parameters(skiing, tiny
     assert all(torch.equal(kept[k], expected[k]) for k in expected)
     record = json.loads(run.record_path.read_text())
     assert record["tuning"]["steps_done"] == 2 and "nan at step 3" in record["tuning"]["stopped_early"]
+
+
+def with_pretrained_adapter(model: Path, folder: Path, **config_changes) -> Path:
+    """A copy of `model` with a pre-trained context adapter (a random, non-zero head) in adapter/."""
+    shutil.copytree(model, folder)
+    sd = load_sd(str(model), torch.device("cpu"), torch.float32)
+    config = AdapterConfig(text_dim=sd.text_encoder.config.hidden_size, latent_channels=4, **config_changes)
+    adapter = ContextAdapter(config)
+    torch.nn.init.normal_(adapter.head.weight, std=0.05, generator=torch.Generator().manual_seed(1))
+    adapters.save_pretrained(folder / adapters.FOLDER, adapter, {"kind": "quadratic", "scale": 1.0})
+    return folder
+
+
+def test_tuning_starts_from_the_models_pretrained_adapter(skiing, tiny_model, tmp_path):
+    model = with_pretrained_adapter(tiny_model, tmp_path / "with-adapter")
+    pretrained = load_file(str(model / "adapter" / adapters.WEIGHTS))
+    auto = tune(skiing, model, tmp_path / "auto", adapter="auto", adapter_lr=0.0)  # the adapter stays as loaded
+    tuned = {k.removeprefix("adapter."): v for k, v in load_file(str(auto.tuned_path)).items() if "adapter." in k}
+    assert tuned.keys() == pretrained.keys() and all(torch.equal(tuned[k], pretrained[k]) for k in tuned)
+    record = auto.read_record()
+    assert record["adapter"]["pretrained"] == str(model / "adapter") and record["settings"]["adapter"] == "auto"
+    assert record["adapter"]["sha256"] == sha256_of(model / "adapter" / adapters.WEIGHTS)
+    given = tune(skiing, tiny_model, tmp_path / "given", adapter_lr=0.0, adapter=str(model / "adapter"))
+    assert given.tuned_path.read_bytes() == auto.tuned_path.read_bytes()
+
+    # --adapter fresh (the default) is today's ContextDiff bit for bit, as on a model folder without an adapter.
+    fresh = tune(skiing, model, tmp_path / "fresh")
+    plain = tune(skiing, tiny_model, tmp_path / "plain", adapter="auto")
+    assert fresh.tuned_path.read_bytes() == plain.tuned_path.read_bytes()
+    assert fresh.read_record()["adapter"] is None and plain.read_record()["adapter"] is None
+    assert fresh.read_record()["settings"]["adapter"] == "fresh"
+    assert not torch.equal(edit(auto)[1], edit(plain)[1])  # the edit samples with the pre-trained context
+
+
+def test_a_pretrained_adapter_that_does_not_fit_is_refused(skiing, tiny_model, tmp_path):
+    with pytest.raises(ModelError, match="no pre-trained context adapter in .*nowhere"):
+        tune(skiing, tiny_model, tmp_path / "a", adapter=str(tmp_path / "nowhere"))
+    other = with_pretrained_adapter(tiny_model, tmp_path / "other", width=64)
+    with pytest.raises(ModelError, match="made for another model: width 64"):
+        tune(skiing, other, tmp_path / "b", adapter="auto")
+    with pytest.raises(UsageError, match="--adapter PATH needs the context on"):
+        TuneSettings(prompt="a man is skiing", context="off", adapter=str(other))
+    assert not Run(tmp_path / "a").record_path.exists() and not Run(tmp_path / "b").record_path.exists()

@@ -3,17 +3,27 @@
 Queries are 4x4 latent patches of every frame with learned row, column and frame embeddings; keys and
 values are the text encoder's token states. Two pre-LN cross-attention layers, then a zero-initialized
 head: an untrained adapter outputs exactly 0, so ContextDiff starts as Tune-A-Video. Always fp32.
+
+A model folder may hold a pre-trained adapter in `adapter/` (config.json + adapter.safetensors), trained with
+its text-to-image model as ContextDiff's first stage (`python -m ctxedit.toy.train --context` for the bundled
+one); tuning starts from it instead of the zero head (`tune --adapter`).
 """
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ctxedit.errors import UsageError
+from ctxedit.errors import ModelError, UsageError
+from ctxedit.files import atomic_folder, write_json
+
+FOLDER = "adapter"  # a model folder's pre-trained adapter
+WEIGHTS = "adapter.safetensors"
 
 
 @dataclass(frozen=True)
@@ -90,3 +100,46 @@ class ContextAdapter(nn.Module):
                 x = layer(x, tokens)
             x = self.head(self.norm_out(x)).reshape(b, f, gh, gw, c, p, p)
             return x.permute(0, 1, 4, 2, 5, 3, 6).reshape(b, f, c, h, w)  # (b, f, c, h, w)
+
+
+def save_pretrained(folder: Path, adapter: ContextAdapter, shift: dict) -> None:
+    """Write `adapter` as a pre-trained adapter folder, with the shift schedule it was trained with."""
+    from safetensors.torch import save_file
+
+    with atomic_folder(folder) as tmp:
+        save_file({name: t.detach().contiguous().cpu() for name, t in adapter.state_dict().items()}, str(tmp / WEIGHTS))
+        write_json(tmp / "config.json", asdict(adapter.config) | {"shift": shift})
+
+
+def find_pretrained(choice: str, model_folder: Path) -> Path | None:
+    """The adapter folder `tune --adapter` names: auto -> MODEL/adapter when there is one, fresh -> None, else a
+    folder holding config.json and adapter.safetensors (or a model folder with an adapter/ in it)."""
+    if choice == "fresh":
+        return None
+    if choice == "auto":
+        return model_folder / FOLDER if (model_folder / FOLDER / WEIGHTS).exists() else None
+    path = Path(choice).expanduser()
+    for folder in (path / FOLDER, path):
+        if (folder / WEIGHTS).exists() and (folder / "config.json").exists():
+            return folder
+    raise ModelError(f"no pre-trained context adapter in {choice}: expected config.json and {WEIGHTS} there")
+
+
+def load_pretrained(adapter: ContextAdapter, folder: Path) -> dict:
+    """Copy the pre-trained weights of `folder` into `adapter`, whose shape must match; returns their config."""
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        state = load_file(str(folder / WEIGHTS), device=str(adapter.head.weight.device))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read the context adapter in {folder}: {error}") from error
+    expected = asdict(adapter.config)
+    differs = [f"{k} {config.get(k)} (this model: {v})" for k, v in expected.items() if config.get(k) != v]
+    if differs:
+        raise ModelError(f"the context adapter in {folder} was made for another model: {'; '.join(differs)}")
+    try:
+        adapter.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelError(f"the context adapter in {folder} does not fit: {str(error).splitlines()[0]}") from error
+    return config

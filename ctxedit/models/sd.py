@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ctxedit.errors import ModelError, UsageError
+from ctxedit.models import adapter as adapters
 
 COMPONENTS = {  # subfolder -> file that proves it is there
     "unet": "config.json",
@@ -88,6 +89,7 @@ def _download(model_id: str, fp16: bool) -> Path:
     """The local snapshot of a hub model (only the SD component files)."""
     weights = ["*.fp16.safetensors"] if fp16 else ["diffusion_pytorch_model.safetensors", "model.safetensors"]
     patterns = ["model_index.json"] + [f"{sub}/{f}" for sub in COMPONENTS for f in ["*.json", "*.txt", *weights]]
+    patterns += [f"{adapters.FOLDER}/config.json", f"{adapters.FOLDER}/{adapters.WEIGHTS}"]  # a pre-trained adapter
     folder = hub_snapshot(model_id, patterns, "a local diffusers Stable Diffusion folder (--model PATH)")
     if fp16 and not list((folder / "unet").glob("*.safetensors")):
         return _download(model_id, fp16=False)  # the repo has no fp16 variant

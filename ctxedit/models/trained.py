@@ -13,13 +13,16 @@ import torch
 
 from ctxedit.errors import RunError
 from ctxedit.files import atomic_path
-from ctxedit.models.adapter import AdapterConfig, ContextAdapter
+from ctxedit.models.adapter import AdapterConfig, ContextAdapter, load_pretrained
 from ctxedit.models.inflate import VideoUNet
 from ctxedit.models.sd import StableDiffusion
 
 
-def build(sd: StableDiffusion, with_adapter: bool, seed: int) -> tuple[VideoUNet, ContextAdapter | None]:
-    """Inflate the SD UNet and, when the context is on, add a fresh adapter; trained parameters in fp32."""
+def build(
+    sd: StableDiffusion, with_adapter: bool, seed: int, pretrained: Path | None = None
+) -> tuple[VideoUNet, ContextAdapter | None]:
+    """Inflate the SD UNet and, when the context is on, add an adapter: fresh (zero head), or the `pretrained`
+    adapter folder's; trained parameters in fp32."""
     torch.manual_seed(seed)  # the temporal attention's q/k/v initialization
     model = VideoUNet(sd.unet).to(sd.device)
     if sd.device.type == "cuda" and importlib.util.find_spec("xformers") is not None:
@@ -31,6 +34,8 @@ def build(sd: StableDiffusion, with_adapter: bool, seed: int) -> tuple[VideoUNet
     if with_adapter:
         config = AdapterConfig(text_dim=sd.text_encoder.config.hidden_size, latent_channels=sd.unet.config.in_channels)
         adapter = ContextAdapter(config).to(sd.device)
+        if pretrained is not None:
+            load_pretrained(adapter, pretrained)
     return model, adapter
 
 

@@ -10,11 +10,15 @@ so both see the same data). Stages:
 latents once, 3. text encoder + UNet (noise prediction with Min-SNR weighting, 10% empty captions for
 classifier-free guidance, EMA weights), 4. a shorter refine cycle from those weights on more two-object frames,
 5. save in fp16, 6. evaluate. samples/toy-sd/training.json records how the bundled model was made.
+Separately, `--vae MODEL --context` pre-trains a context adapter for a finished model on its training frames
+(ContextDiff's text-to-image stage, the UNet and text encoder frozen; with `--joint` trained with it, the paper's
+recipe) and saves it in MODEL/adapter, where `ctxedit tune` finds it; MODEL/adapter/training.json records it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -24,7 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ctxedit.diffusion import ShiftSchedule
 from ctxedit.files import atomic_folder, write_json
+from ctxedit.models import adapter as adapters
+from ctxedit.models.adapter import AdapterConfig, ContextAdapter
 from ctxedit.models.synthetic import SD_SCHEDULER
 from ctxedit.toy.world import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, random_clip
 
@@ -53,6 +60,8 @@ class TrainConfig:
     ema_decay: float = 0.999  # the saved weights are an exponential moving average of the trained ones
     empty_caption_rate: float = 0.1  # classifier-free guidance needs unconditional samples
     checkpoint_every: int = 200
+    context_steps: int = 1500  # pre-training of the context adapter (--context), batch unet_batch
+    context_lr: float = 1e-3  # the adapter's, from its zero head (as the shapes world's tuning); the UNet's: refine_lr
 
 
 def word_tokenizer():
@@ -235,23 +244,30 @@ def encode_frames(
 
 def train_unet(
     unet, text_encoder, tokenizer, latents, captions, scale, config, checkpoints, device, *, name: str, steps: int,
-    lr: float, seed: int,
+    lr: float, seed: int, adapter: ContextAdapter | None = None, trained: tuple[str, ...] = ("unet", "text_encoder"),
+    adapter_lr: float = 0.0,
 ) -> None:  # fmt: skip
-    """One cosine cycle of `steps` from the UNet's and text encoder's current weights, which end as the EMA."""
+    """One cosine cycle of `steps` from the current weights of the `trained` parts ("unet", "text_encoder",
+    "adapter"), which end as their EMA; the others stay frozen. With an adapter, on ContextDiff's contextual
+    forward marginal x_t = √ā x0 + k_t R(x0, c) + √(1-ā) ε (quadratic k, as `tune`), the adapter at `adapter_lr`."""
     from diffusers import DDPMScheduler
 
-    unet.to(device).train().requires_grad_(True)
-    text_encoder.to(device).train().requires_grad_(True)
+    parts = {"unet": unet, "text_encoder": text_encoder} | ({"adapter": adapter} if adapter is not None else {})
+    for part, module in parts.items():
+        module.to(device).train(part in trained).requires_grad_(part in trained)
+    lrs = {"unet": lr, "text_encoder": lr, "adapter": adapter_lr}
+    groups = [{"params": [*parts[part].parameters()], "lr": lrs[part]} for part in trained]
+    params = [p for group in groups for p in group["params"]]
 
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"})
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    shift = ShiftSchedule()
+    optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
     generator, step = torch.Generator().manual_seed(seed), 0
     state = checkpoints.load(name)
     if state:
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
+        for part in trained:
+            parts[part].load_state_dict(state[part])
         optimizer.load_state_dict(state["optimizer"])
         ema = [e.to(device) for e in state["ema"]]
         generator.set_state(state["generator"])
@@ -276,7 +292,10 @@ def train_unet(
         noise = torch.randn(x0.shape, generator=generator).to(device)
         t = torch.randint(0, 1000, (config.unet_batch,), generator=generator).to(device)
         text = text_encoder(batch_ids)[0]
-        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, text).sample
+        x_t = noise_scheduler.add_noise(x0, noise, t)
+        if adapter is not None:  # each image a one-frame clip for the adapter
+            x_t = x_t + shift(alphas_cumprod[t]).to(device)[:, None, None, None] * adapter(x0[:, None], text)[:, 0]
+        pred = unet(x_t, t, text).sample
         snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
         weight = snr.clamp(max=config.snr_gamma) / snr
         loss = (weight * F.mse_loss(pred.float(), noise, reduction="none").mean((1, 2, 3))).mean()
@@ -293,18 +312,13 @@ def train_unet(
             started = time.perf_counter()
             log(f"{name} step {step}/{steps} loss {loss.item():.4f} ({per_step:.2f} s/step)")
         if step % config.checkpoint_every == 0 or step == steps:
-            state = {
-                "unet": unet.state_dict(),
-                "text_encoder": text_encoder.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "ema": ema,
-                "generator": generator.get_state(),
-            }
+            state = {part: parts[part].state_dict() for part in trained}
+            state |= {"optimizer": optimizer.state_dict(), "ema": ema, "generator": generator.get_state()}
             checkpoints.save(name, state | {"step": step})
     with torch.no_grad():
         torch._foreach_copy_([p.data for p in params], ema)
-    unet.cpu().eval().requires_grad_(False)
-    text_encoder.cpu().eval().requires_grad_(False)
+    for module in parts.values():
+        module.cpu().eval().requires_grad_(False)
 
 
 def save(out: Path, vae, text_encoder, tokenizer, unet, scale: float) -> None:
@@ -327,15 +341,21 @@ def save_part(folder: Path, model) -> None:
 
 @torch.no_grad()
 def evaluate(
-    folder: Path, count: int = 384, guidance: float = 4.0, steps: int = 25, seed: int = 777, device: str = "cpu"
+    folder: Path,
+    count: int = 384,
+    guidance: float = 4.0,
+    steps: int = 25,
+    seed: int = 777,
+    device: str = "cpu",
+    context: bool = True,
 ) -> dict:
     """Text-to-image accuracy on fresh captions: the share of images whose detected objects (colour and
     shape, counted: a duplicate or a third object is wrong) are exactly those of the caption, for one- and
-    two-object captions."""
+    two-object captions. With `context` and a pre-trained adapter in the folder, sampling is contextual
+    (R(x0_hat, c) from each step's x0 estimate, zeros before the first)."""
     from diffusers import DDIMScheduler
 
     from ctxedit import diffusion
-    from ctxedit.diffusion import ShiftSchedule
     from ctxedit.models.sd import load_sd
     from ctxedit.toy.detect import shows
 
@@ -348,10 +368,12 @@ def evaluate(
         eps_empty, eps_text = sd.unet(torch.cat([x, x]), t, torch.cat([empty, text])).sample.chunk(2)
         return eps_empty + guidance * (eps_text - eps_empty)
 
+    adapter, shift = (pretrained_adapter(folder, sd.device) if context else None) or (None, ShiftSchedule("off"))
+    context_of = (lambda x0: adapter(x0[:, None], text)[:, 0]) if adapter is not None else None
     scheduler = DDIMScheduler.from_config(sd.scheduler.config)
     scheduler.set_timesteps(steps)
     noise = torch.randn(count, 4, 16, 16, generator=torch.Generator().manual_seed(seed)).to(sd.device)
-    latents = diffusion.sample(guided, noise, scheduler, None, noise, ShiftSchedule("off"))
+    latents = diffusion.sample(guided, noise, scheduler, context_of, torch.zeros_like(noise), shift)
     images = sd.decode_latents(latents[None])
     right = [shows(image, clip) for image, clip in zip(images, clips, strict=True)]
     return {
@@ -359,7 +381,63 @@ def evaluate(
         "two_objects": float(np.mean(right[1::2])),
         "captions": count,
         "guidance": guidance,
+        "context": adapter is not None,
     }
+
+
+def pretrained_adapter(folder: Path, device: torch.device) -> tuple[ContextAdapter, ShiftSchedule] | None:
+    """The model folder's pre-trained context adapter and the shift it was trained with, or None."""
+    found = adapters.find_pretrained("auto", folder)
+    if found is None:
+        return None
+    config = json.loads((found / "config.json").read_text())
+    adapter = ContextAdapter(AdapterConfig(**{k: config[k] for k in asdict(AdapterConfig())})).to(device)
+    adapters.load_pretrained(adapter, found)
+    return adapter, ShiftSchedule(**config["shift"])
+
+
+def train_context(vae, config: TrainConfig, checkpoints: Checkpoints, model: Path, device, joint: bool) -> dict:
+    """ContextDiff's text-to-image stage: a fresh adapter (zero head) trained on the model's training frames
+    with the contextual forward process, the UNet and text encoder frozen, or trained with it (`joint`, the
+    paper's recipe). Saved into the model folder (adapter/, and with `joint` its unet/ and text_encoder/ too);
+    returns how it was trained."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=torch.float32)
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    torch.manual_seed(config.seed + 7)
+    adapter = ContextAdapter(
+        AdapterConfig(text_dim=text_encoder.config.hidden_size, latent_channels=unet.config.in_channels)
+    )
+    latents, captions = encode_frames(vae.to(device), checkpoints, "dataset", config.images, config.seed + 1)
+    fresh, fresh_captions = encode_frames(
+        vae, checkpoints, "refine-dataset", config.refine_images, config.seed + 5, objects=(1, 2, 2)
+    )
+    trained = ("unet", "text_encoder", "adapter") if joint else ("adapter",)
+    began = time.perf_counter()
+    train_unet(unet, text_encoder, tokenizer, torch.cat([latents, fresh]), captions + fresh_captions,
+               vae.config.scaling_factor, config, checkpoints, device, name="context-joint" if joint else "context",
+               steps=config.context_steps, lr=config.refine_lr, seed=config.seed + 8, adapter=adapter,
+               trained=trained, adapter_lr=config.context_lr)  # fmt: skip
+    minutes = (time.perf_counter() - began) / 60
+    record = {
+        "shift": asdict(ShiftSchedule()),
+        "trained": list(trained),
+        "steps": config.context_steps,
+        "batch": config.unet_batch,
+        "adapter_lr": config.context_lr,
+        "unet_lr": config.refine_lr if joint else None,
+        "frames": len(captions) + len(fresh_captions),
+        "minutes_this_session": round(minutes, 1),
+        "device": str(device),
+    }
+    if joint:
+        save_part(model / "unet", unet)
+        save_part(model / "text_encoder", text_encoder)
+    adapters.save_pretrained(model / adapters.FOLDER, adapter, record["shift"])
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -382,17 +460,29 @@ def main(argv: list[str] | None = None) -> None:
         "--refine-only", action="store_true", help="run the refine cycle on the UNet and text encoder of the --vae "
         "model and save them back into that model"
     )  # fmt: skip
+    only.add_argument(
+        "--context", action="store_true", help="pre-train a context adapter for the --vae model on its training "
+        "frames (ContextDiff's text-to-image stage) and save it in MODEL/adapter; its UNet and text encoder stay "
+        "frozen unless --joint"
+    )  # fmt: skip
+    parser.add_argument(
+        "--joint", action="store_true", help="with --context: train the UNet and text encoder with the adapter and "
+        "save them back into the model too (the paper's recipe; run it on a copy of the model)"
+    )  # fmt: skip
+    parser.add_argument("--context-steps", type=int, default=TrainConfig.context_steps)
     parser.add_argument("--device", default="cpu", help="where the UNet stages and the evaluation run (cpu, cuda)")
     parser.add_argument("--eval-captions", type=int, default=384, help="held-out captions the evaluation draws")
     args = parser.parse_args(argv)
-    if (args.decoder_only or args.refine_only) and not args.vae:
-        parser.error("--decoder-only and --refine-only need --vae MODEL")
+    if (args.decoder_only or args.refine_only or args.context) and not args.vae:
+        parser.error("--decoder-only, --refine-only and --context need --vae MODEL")
+    if args.joint and not args.context:
+        parser.error("--joint goes with --context")
     if args.refine_only and args.refine_steps < 1:
         parser.error("--refine-only needs --refine-steps of at least 1")
     cycles = {"vae_cycles": (args.vae_steps,)} if args.vae_steps else {}
     config = TrainConfig(
         unet_steps=args.unet_steps, images=args.images, decoder_steps=args.decoder_steps,
-        refine_steps=args.refine_steps, refine_images=args.refine_images, **cycles,
+        refine_steps=args.refine_steps, refine_images=args.refine_images, context_steps=args.context_steps, **cycles,
     )  # fmt: skip
 
     from ctxedit.models.sd import quiet_hf_libraries
@@ -419,6 +509,15 @@ def main(argv: list[str] | None = None) -> None:
         log(f"saved the fine-tuned decoder in {args.vae / 'vae'}")
         return
     device = torch.device(args.device)
+    if args.context:
+        record = train_context(vae, config, checkpoints, args.vae, device, args.joint)
+        record["accuracy"] = {
+            name: evaluate(args.vae, count=args.eval_captions, device=args.device, context=context)
+            for name, context in (("with_context", True), ("without_context", False))
+        }
+        write_json(args.vae / adapters.FOLDER / "training.json", record)
+        log(f"saved the context adapter in {args.vae / adapters.FOLDER}: {record}")
+        return
     latents, captions = encode_frames(vae.to(device), checkpoints, "dataset", config.images, config.seed + 1)
     if args.refine_only:
         from diffusers import UNet2DConditionModel
