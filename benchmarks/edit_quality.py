@@ -50,6 +50,7 @@ from ctxedit.settings import EditSettings, TuneSettings
 from ctxedit.toy.demo import TUNING, toy_model
 from ctxedit.toy.metrics import score_edit
 from ctxedit.toy.world import COLOURS, SHAPES, Clip, random_clip
+from ctxedit.tuned import Tuned
 from ctxedit.tuning import tune
 
 PLAIN = {"inversion": "plain", "keep_structure": 0.0, "keep_words": 0.0, "blend": "off"}
@@ -187,7 +188,7 @@ def run_clip(bundled, clip: Clip, edits, methods, seeds: list[int], tune_steps: 
                 else:
                     run.tuned_path.write_bytes(b"per-frame")  # names the inversion cache; nothing to load
                 record = {"settings": {"seed": seed, "prompt": clip.caption}}
-                tuned = editing.Tuned(run, record, method_sd, model, adapter, shift, x0, text)
+                tuned = Tuned(run, record, method_sd, model, adapter, shift, x0, text)
                 for name in method.edits:
                     settings = EditSettings(steps=steps, guidance=GUIDANCE, seed=seed, **EDITS[name])
                     rows += edit_clip(tuned, clip, edits, settings, source_frames, reconstruction, tuning)

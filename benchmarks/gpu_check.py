@@ -28,6 +28,7 @@ from ctxedit.models.synthetic import random_sd15
 from ctxedit.models.trained import build, save_trained
 from ctxedit.runs import Run
 from ctxedit.settings import EditSettings, TuneSettings
+from ctxedit.tuned import Tuned
 from ctxedit.tuning import tune
 
 SOURCE, TARGET = "a man is skiing", "a robot is skiing on the beach"
@@ -67,7 +68,7 @@ def check(sd, precision: str, args, rows: list, stores: list, folder: Path) -> N
     assert log.stopped_early is None and all(np.isfinite(log.losses)), f"tuning diverged: {log.losses}"
     run = Run(folder / precision)
     save_trained(run.tuned_path, model, adapter)
-    tuned = editing.Tuned(run, {"settings": {"seed": 0, "prompt": SOURCE}}, sd, model, adapter, shift, x0, text)
+    tuned = Tuned(run, {"settings": {"seed": 0, "prompt": SOURCE}}, sd, model, adapter, shift, x0, text)
     edit = EditSettings(steps=args.steps)
     with Stage(rows, precision, f"inversion, {args.steps} steps"):
         editing.invert_source(tuned, edit)

@@ -36,13 +36,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 from edit_quality import GUIDANCE, RESULTS, machine
 
-from ctxedit import editing
+from ctxedit import editing, windows
 from ctxedit import video as videos
 from ctxedit.runs import Run
 from ctxedit.settings import EditSettings, TuneSettings
 from ctxedit.toy.demo import TUNING, toy_model
 from ctxedit.toy.metrics import score_edit
 from ctxedit.toy.world import Clip, Shape
+from ctxedit.tuned import Tuned, load_tuned
 from ctxedit.tuning import tune_video
 
 FPS = 8.0
@@ -84,16 +85,16 @@ def development_clips(frames: int) -> list[tuple[Clip, str]]:
 
 def tuned_on(
     clip: Clip, folder: Path, tune_steps: int, device: str, frames: int | str = "all", start: int = 0
-) -> editing.Tuned:
+) -> Tuned:
     source = folder / "source.mp4"
     videos.write_video(clip.render()[0], source, FPS)
     chosen = TUNING | {"frames": frames, "start": start, "window": WINDOW, "steps": tune_steps}
     run = Run(folder / "run")
     tune_video(source, TuneSettings(**chosen, prompt=clip.caption), run, str(toy_model()), device=device)
-    return editing.load_tuned(run, device)
+    return load_tuned(run, device)
 
 
-def edit(tuned: editing.Tuned, target: str, settings: EditSettings) -> np.ndarray:
+def edit(tuned: Tuned, target: str, settings: EditSettings) -> np.ndarray:
     source = editing.source_pass(tuned, settings)
     return tuned.sd.decode_latents(editing.edit_latents(tuned, source, target, settings))
 
@@ -134,15 +135,15 @@ def quality(
             for name in ("ctxedit windows", "naive windows")[: 2 if n == 0 and baselines else 1]:
                 naive = name.startswith("naive")
                 chosen = EditSettings(**(settings.to_dict() | {"overlap": 0})) if naive else settings
-                real_anchor = editing.with_anchor
+                real_anchor = windows.with_anchor
                 if naive:  # each window on its own: no anchor frame
-                    editing.with_anchor = lambda first, size: list(range(first, first + size))
+                    windows.with_anchor = lambda first, size: list(range(first, first + size))
                 try:
                     started = time.perf_counter()
                     edited = edit(tuned, target.caption, chosen)
-                    sequences = editing.windows_of(tuned, chosen).sequences
+                    sequences = tuned.windows(chosen.overlap).sequences
                 finally:
-                    editing.with_anchor = real_anchor
+                    windows.with_anchor = real_anchor
                 row(f"{name}, tuned {tune_s} steps", edited, sequences, tuning, time.perf_counter() - started)
         chunks, tuning, editing_s = [], 0.0, 0.0
         for first in range(0, frames, WINDOW) if baselines else ():  # short clips: every 8 frames on their own

@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,7 +40,7 @@ from edit_quality import (
     method_model,
 )
 
-from ctxedit import editing, prompts, scoring
+from ctxedit import editing, scoring
 from ctxedit.models.trained import save_trained
 from ctxedit.realign import candidate_settings
 from ctxedit.runs import Run
@@ -48,6 +48,7 @@ from ctxedit.settings import EditSettings
 from ctxedit.toy.detect import caption
 from ctxedit.toy.metrics import score_edit
 from ctxedit.toy.world import random_clip
+from ctxedit.tuned import Tuned
 
 SCORES = ("caption", "attention", "consistency", "preservation")
 RERANKINGS = (  # the axes fused, each in its own table
@@ -74,23 +75,22 @@ def run_clip(sd, clip, edits, count: int, tune_steps: int, steps: int, realigns:
         run = Run(Path(folder))
         sd, model, adapter, shift = method_model(sd, Method("ContextDiff"), x0, text, 0, tune_steps, run.weights_path)
         save_trained(run.tuned_path, model, adapter)
-        tuned = editing.Tuned(run, {"settings": {"seed": 0, "prompt": clip.caption}}, sd, model, adapter, shift, x0,
+        tuned = Tuned(run, {"settings": {"seed": 0, "prompt": clip.caption}}, sd, model, adapter, shift, x0,
                               text)  # fmt: skip
         for realign in realigns:
             base = EditSettings(steps=steps, guidance=GUIDANCE, seed=0, realign=realign)
             asked = base.to_dict()
             for k, settings in enumerate(candidate_settings(base, count, 0, run.kept_steps(), adapter is not None)):
-                key = replace(settings, eta=0.0, seed=None, realign="off")  # what the source pass depends on
+                key = settings.depending("source")  # what the source pass depends on
                 if key not in passes:
                     started = time.perf_counter()
                     passes[key] = editing.source_pass(tuned, settings)
                     pass_seconds[key] = time.perf_counter() - started
                 for kind, index, target in edits:
                     started = time.perf_counter()
-                    frames = sd.decode_latents(editing.edit_latents(tuned, passes[key], target.caption, settings))
+                    parsed = editing.target_for(tuned, target.caption, settings)
+                    frames = sd.decode_latents(editing.edit_latents(tuned, passes[key], parsed, settings))
                     seconds = time.perf_counter() - started
-                    changed = prompts.align(sd.tokenizer, clip.caption, target.caption).changed_target
-                    changed = prompts.content(sd.tokenizer, target.caption, changed)
                     truth = asdict(score_edit(clip, target, index, source_frames, frames))
                     rows.append({
                         "clip": clip.caption, "objects": len(clip.objects), "kind": kind, "realign": realign,
@@ -98,8 +98,8 @@ def run_clip(sd, clip, edits, count: int, tune_steps: int, steps: int, realigns:
                         "changes": {n: v for n, v in settings.to_dict().items() if v != asked[n] and n != "seed"},
                         "pass": list(passes).index(key),
                         "pass_seconds": pass_seconds[key] / len(edits), **truth,
-                        "caption": captions(frames, target.caption),
-                        "attention": scoring.attention_mass(sd, model, frames, target.caption, changed),
+                        "caption": captions(frames, parsed),
+                        "attention": scoring.attention_mass(sd, model, frames, parsed),
                         "consistency": scoring.consistency(frames, source_frames),
                         "preservation": scoring.preservation(frames, source_frames),
                     })  # fmt: skip

@@ -23,8 +23,8 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from ctxedit import diffusion
+from ctxedit.attention import Session, source_plan, step_plan
 from ctxedit.diffusion import ShiftSchedule
-from ctxedit.editing import structure_plan
 from ctxedit.models.sd import StableDiffusion, load_sd
 from ctxedit.models.synthetic import random_sd15, write_tiny_sd
 from ctxedit.models.trained import build
@@ -122,15 +122,16 @@ def stages(sd: StableDiffusion, frames: np.ndarray, repeats: int) -> list[tuple[
             eps = predict(torch.cat([x, x]), t_edit, torch.cat([uncond, text]))
             ddim.step(eps[:1] + 7.5 * (eps[1:] - eps[:1]), t_edit, x0)
 
-    control = model.control
-    plan = structure_plan(EditSettings(), ddim.timesteps.tolist(), sd.unet)
+    plan = source_plan(step_plan(EditSettings()), ddim.timesteps.tolist(), sd.unet)
+    session = Session(plan, token_map=torch.arange(77, device=sd.device))
 
     def controlled(recording: bool) -> Callable[[], None]:
         """An editing step of the source pass (recording) or of an edit (injecting), default structure settings."""
 
         def step() -> None:
-            control.plan, control.recording, control.token_map = plan, recording, torch.arange(77, device=sd.device)
-            edit_step()
+            session.recording = recording
+            with model.control.applying(session):
+                edit_step()
 
         return step
 
@@ -145,9 +146,7 @@ def stages(sd: StableDiffusion, frames: np.ndarray, repeats: int) -> list[tuple[
         ("editing step, injecting (default structure settings)", controlled(False)),
         ("decode (all frames, one at a time)", lambda: sd.decode_latents(x0)),
     ]
-    measured = [(name, *measure(fn, repeats, sd.device)) for name, fn in rows]
-    control.reset()
-    return measured
+    return [(name, *measure(fn, repeats, sd.device)) for name, fn in rows]
 
 
 def report(title: str, rows: list[tuple[str, float, float]], tuning_steps: int = 300) -> None:

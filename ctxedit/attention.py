@@ -4,23 +4,29 @@
 - `CrossAttention` on every `attn2`: attention of the image tokens over the text tokens.
 - a forward hook on chosen decoder resnets: their output features.
 
-What they do beyond the stock computation lives in one plain object, `Control`, which they ask by (layer,
-current timestep). Off (the default), every processor is the stock computation, bit for bit. Recording (the
-source's pass) puts features, self-attention queries and keys and cross-attention maps into `Control.store`,
-keyed (timestep, layer); injecting (the edit) takes them back in place of the edit's own, for the first part of
-the steps (Plug-and-Play features and self-attention, Prompt-to-Prompt cross-attention of the shared words).
-Either way the cross-attention maps of chosen words can be summed up for local blending (`WordMaps`), and the
-attention to chosen target words re-weighted inside their region (`Reweighting`, re-alignment's fine stage).
+What they do beyond the stock computation lives in plain objects: a `Session` (the plan of what to record or
+inject, where and when, its store, word maps and re-weighting) applies to the calls made inside
+`Control.applying(session)`, and processors ask the one `Control` by (layer, current timestep). Outside a session
+every processor is the stock computation, bit for bit. Recording (the source's pass) puts features, self-attention
+queries and keys and cross-attention maps into the session's store, keyed (timestep, layer); injecting (the edit)
+takes them back in place of the edit's own, for the first part of the steps (Plug-and-Play features and
+self-attention, Prompt-to-Prompt cross-attention of the shared words; `step_plan` says when). Either way the
+cross-attention maps of chosen words can be summed up for local blending (`WordMaps`), and the attention to chosen
+target words re-weighted inside their regions (`Reweighting`, re-alignment's fine stage).
 Frames are folded into the batch, (b*f, tokens, c); in a guided call the conditional branch is the last one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+
+from ctxedit.settings import EditSettings
 
 BLEND_THRESHOLD = 0.2  # of a word region's peak (P2P's local blending)
 BLEND_DILATION = 2  # latent pixels added around the region
@@ -49,10 +55,13 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
 
 
 def attention_maps(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) of (b, n, c) queries over (b, m, c) keys: (b, heads, n, m), in float32."""
+    """softmax(q k^T / sqrt(d)) of (b, n, c) queries over (b, m, c) keys: (b, heads, n, m), in float32 even under
+    autocast (which would cast the product back down to half precision)."""
     b, n, c = q.shape
     q, k = (x.reshape(b, -1, heads, c // heads).transpose(1, 2).float() for x in (q, k))  # (b, heads, n, d)
-    return (q @ k.transpose(-1, -2) * (c // heads) ** -0.5).softmax(-1)
+    autocast = q.device.type != "meta" and torch.is_autocast_enabled(q.device.type)  # meta: shape checks
+    with torch.autocast(q.device.type, enabled=False) if autocast else nullcontext():
+        return (q @ k.transpose(-1, -2) * (c // heads) ** -0.5).softmax(-1)
 
 
 def apply_maps(maps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -72,6 +81,8 @@ class Plan:
     cross_attention: tuple[str, ...] = ()  # attn2 layers where shared words take the source's maps (P2P)
     word_steps: frozenset[int] = frozenset()  # timesteps at which the one above applies
     source_tokens: int = 77  # the source prompt's tokens up to its end token: only their maps are kept
+    maps: tuple[str, ...] = ()  # attn2 layers computed through explicit maps at every step (the source pass sums
+    # them up for blending), so that an edit computes them as the source pass did: exact in half precision too
 
     def injects(self) -> bool:
         return bool((self.features or self.self_attention) and self.structure_steps) or bool(
@@ -136,14 +147,50 @@ def blend_mask(maps: torch.Tensor, threshold: float = BLEND_THRESHOLD, dilation:
     return F.max_pool2d(mask, 2 * dilation + 1, stride=1, padding=dilation)[:, 0]
 
 
+REWEIGHT_FADE = 0.5  # prompt weights fade from the whole weight at the first sampled step to none halfway
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What each control does at each step, on one clock: the fractions of the edit settings count the sampled steps
+    (those from `first`, which partial inversion, --strength, chooses), whatever the total. Steps are indices into
+    the scheduler's timesteps, noisiest first. Direct inversion's corrections and local blending act at every
+    sampled step."""
+
+    first: int  # the first sampled step
+    structure: range  # steps whose features (and self-attention) are the source's
+    words: range  # steps where the words shared with the source take the source's cross-attention maps
+    reweighting: tuple[float, ...]  # per sampled step, the fraction of the prompt weights that applies
+
+    def timesteps(self, steps: range, timesteps: list[int]) -> frozenset[int]:
+        return frozenset(timesteps[i] for i in steps)
+
+    def strength(self, timesteps: list[int]) -> dict[int, float]:
+        """Timestep -> the fraction of the prompt weights that applies there."""
+        return dict(zip(timesteps[self.first :], self.reweighting, strict=True))
+
+
+def step_plan(settings: EditSettings) -> StepPlan:
+    """The one place that decides when each control acts (`StepPlan`)."""
+    first = settings.first_step
+    sampled = settings.steps - first
+    return StepPlan(
+        first=first,
+        structure=range(first, first + round(settings.keep_structure * sampled)),
+        words=range(first, first + round(settings.keep_words * sampled)),
+        reweighting=tuple(max(0.0, 1 - k / (REWEIGHT_FADE * sampled)) for k in range(sampled)),
+    )
+
+
 @dataclass(frozen=True)
 class Reweighting:
     """RealignDiff's fine stage: in the conditional branch, the attention to some target tokens is raised inside
-    their region and lowered outside (weight w inside, 1/w outside), then renormalised over the tokens to the
+    each token's region and lowered outside (weight w inside, 1/w outside), then renormalised over the tokens to the
     query's total; a per-timestep strength fades it out (1: the whole weight, 0 or absent: off)."""
 
     weights: dict[int, float]  # token position -> weight
-    region: torch.Tensor | None  # (f, h, w) at the latents' size, 1 inside; None: raised everywhere
+    regions: torch.Tensor | None  # (tokens, f, h, w) per weighted token, at the latents' size, 1 inside (all ones:
+    # raised everywhere); None: every token raised everywhere
     strength: dict[int, float]  # timestep -> fraction of (weight - 1) that applies
 
     def apply(self, maps: torch.Tensor, frames: int, timestep: int, positions: list[int] | None = None) -> torch.Tensor:
@@ -155,12 +202,12 @@ class Reweighting:
         tokens = torch.tensor(list(self.weights), device=maps.device)
         weights = 1 + strength * (torch.tensor(list(self.weights.values()), device=maps.device) - 1)  # (k,)
         factor = weights.expand(frames, 1, maps.shape[2], -1)  # (f, 1, n, k)
-        if self.region is not None:
-            region = self.region if positions is None else self.region[positions]
-            h, w = region.shape[-2:]
+        if self.regions is not None:
+            regions = self.regions if positions is None else self.regions[:, positions]  # (k, f, h, w)
+            h, w = regions.shape[-2:]
             scale = round((h * w / maps.shape[2]) ** 0.5)
-            inside = F.adaptive_avg_pool2d(region[:, None].float(), (h // scale, w // scale)).flatten(1)
-            factor = weights ** (2 * inside.to(maps.device)[:, None, :, None] - 1)  # w inside, 1/w outside
+            inside = F.adaptive_avg_pool2d(regions.float(), (h // scale, w // scale)).flatten(2).to(maps.device)
+            factor = (weights[:, None, None] ** (2 * inside - 1)).permute(1, 2, 0)[:, None]  # w inside, 1/w outside
         cond = maps[-frames:]
         weighed = cond.clone()
         weighed[..., tokens] = cond[..., tokens] * factor
@@ -187,68 +234,128 @@ def attention_layers(unet: torch.nn.Module, kind: str) -> list[str]:
     return [name for name, _ in unet.named_modules() if name.endswith("." + kind)]
 
 
+# What the edit takes from the source, chosen by measurement on the shapes world (README, "Keeping structure"):
+FEATURE_LAYERS = ("up_blocks.1.resnets.1",)  # decoder features that carry the layout (as Plug-and-Play's)
+SELF_ATTENTION_LAYERS: tuple[str, ...] = ()  # self-attention injection moved objects more, not less
+WORD_SCALES = (2, 4)  # cross-attention layers at 1/2 and 1/4 of the latent size: shared words' maps
+MASK_SCALES = (2, 4)  # ...and the maps of the changed words, for blending
+
+
+def source_plan(
+    steps: StepPlan, timesteps: list[int], unet: torch.nn.Module, source_tokens: int = 77, maps: tuple[str, ...] = ()
+) -> Plan:
+    """Which layers take the source's features and maps, at the timesteps `steps` says; the shared words' maps are
+    kept for the source prompt's `source_tokens` tokens; `maps` are the layers whose maps the source pass sums up."""
+    levels = len(unet.config.block_out_channels)
+    cross = tuple(name for name in attention_layers(unet, "attn2") if layer_scale(name, levels) in WORD_SCALES)
+    return Plan(
+        features=FEATURE_LAYERS,
+        self_attention=SELF_ATTENTION_LAYERS,
+        structure_steps=steps.timesteps(steps.structure, timesteps),
+        cross_attention=cross,
+        word_steps=steps.timesteps(steps.words, timesteps),
+        source_tokens=source_tokens,
+        maps=maps,
+    )
+
+
+def mask_layers(unet: torch.nn.Module, latent_size: tuple[int, int]) -> tuple[str, ...]:
+    """Decoder cross-attention at 1/2 and 1/4 of the latents with maps of at least 8x8, where words are localised
+    best; a UNet without such layers (a tiny one) uses all its decoder cross-attention."""
+    levels = len(unet.config.block_out_channels)
+    decoder = [name for name in attention_layers(unet, "attn2") if name.startswith("up_blocks")]
+    scale = lambda name: layer_scale(name, levels)  # noqa: E731
+    best = [name for name in decoder if scale(name) in MASK_SCALES and min(latent_size) // scale(name) >= 8]
+    return tuple(best or decoder)
+
+
 @dataclass
-class Control:
-    """The behaviour of one video UNet's processors and hooks; off unless `plan` or `word_maps` say otherwise."""
+class Session:
+    """What the processors and hooks do beyond the stock computation during one pass over the steps: the source
+    pass (`recording`: records go into `store`) or an edit (what was recorded is injected from `store`)."""
 
     plan: Plan = field(default_factory=Plan)
-    recording: bool = False  # True: record the source; False: inject what was recorded
-    store: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
-    store_dtype: torch.dtype = torch.float16  # records are kept at half precision: enough to steer structure
-    store_device: torch.device | None = None  # None: where they were computed; "cpu" to offload
+    recording: bool = False
+    store: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # keyed (timestep, layer)
     token_map: torch.Tensor | None = None  # per target token, the source token whose map it takes, -1: its own
     word_maps: WordMaps | None = None
     reweighting: Reweighting | None = None
-    timestep: int | None = None  # set by VideoUNet.forward
-    frames: list[int] | None = None  # the clip's frames the UNet runs on (a window), None: all of them
+    store_dtype: torch.dtype = torch.float16  # records are kept at half precision: enough to steer structure
+    store_device: torch.device | None = None  # None: where they were computed; "cpu" to offload
 
-    def reset(self) -> None:
-        """Back to off: nothing recorded, injected, summed or re-weighted."""
-        self.plan, self.recording, self.store, self.token_map, self.word_maps = Plan(), False, {}, None, None
-        self.reweighting, self.frames = None, None
 
-    def _exchange(self, layer: str, value: torch.Tensor) -> torch.Tensor:
-        """Record `value` under (timestep, layer), or return the recorded one in its place."""
+class Control:
+    """Shared by the processors and hooks of one video UNet: the session of the call under way (none: every
+    processor is the stock computation, bit for bit), its timestep (set by `VideoUNet.forward`) and the clip's frames
+    it runs on (a window; None: all). A session applies only inside `applying`, one call at a time."""
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+        self.timestep: int | None = None
+        self.frames: list[int] | None = None
+
+    @contextmanager
+    def applying(self, session: Session | None, frames: list[int] | None = None) -> Iterator[None]:
+        """`session` steers the UNet calls made inside the block, on the clip's `frames`; off again after it."""
+        if self.session is not None:
+            raise RuntimeError("a control session is already applying to this UNet")
+        self.session, self.frames = session, frames
+        try:
+            yield
+        finally:
+            self.session, self.frames = None, None
+
+    def _exchange(self, session: Session, layer: str, value: torch.Tensor) -> torch.Tensor:
+        """Record `value` under (timestep, layer) and go on with it as recorded (at the store's precision, so that
+        the source pass sees exactly what an edit will inject), or return the recorded one in its place."""
         key = (self.timestep, layer)
-        if self.recording:
-            self.store[key] = value.detach().to(self.store_device or value.device, self.store_dtype)
-            return value
-        source = self.store[key].to(value.device, value.dtype)
+        if session.recording:
+            session.store[key] = value.detach().to(session.store_device or value.device, session.store_dtype)
+        source = session.store[key].to(value.device, value.dtype)
         if source.shape[0] != value.shape[0]:  # recorded without guidance: the same for both branches
             source = source.repeat(value.shape[0] // source.shape[0], *[1] * (source.dim() - 1))
         return source
 
     def features(self, layer: str, hidden: torch.Tensor) -> torch.Tensor:
-        if layer in self.plan.features and self.timestep in self.plan.structure_steps:
-            return self._exchange(layer, hidden)
+        session = self.session
+        if session and layer in session.plan.features and self.timestep in session.plan.structure_steps:
+            return self._exchange(session, layer, hidden)
         return hidden
 
     def queries_keys(self, layer: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        plan = self.plan
-        if layer in plan.self_attention and self.timestep in plan.structure_steps:
-            return self._exchange(layer + ".q", q), self._exchange(layer + ".k", k)
+        session = self.session
+        if session and layer in session.plan.self_attention and self.timestep in session.plan.structure_steps:
+            return self._exchange(session, layer + ".q", q), self._exchange(session, layer + ".k", k)
         return q, k
 
     def wants_maps(self, layer: str) -> bool:
-        shared = layer in self.plan.cross_attention and self.timestep in self.plan.word_steps
-        reweighted = self.reweighting is not None and self.reweighting.strength.get(self.timestep, 0.0) != 0
-        return shared or reweighted or (self.word_maps is not None and layer in self.word_maps.layers)
+        session = self.session
+        if session is None:
+            return False
+        plan, reweighting = session.plan, session.reweighting
+        shared = layer in plan.cross_attention and self.timestep in plan.word_steps
+        reweighted = reweighting is not None and reweighting.strength.get(self.timestep, 0.0) != 0
+        summed = session.word_maps is not None and layer in session.word_maps.layers
+        return shared or reweighted or summed or layer in plan.maps
 
     def cross_attention(self, layer: str, maps: torch.Tensor, frames: int) -> torch.Tensor:
         """(b*f, heads, n, tokens) maps of the edit -> the maps to use; the conditional branch may take the
         source's maps for the tokens the two prompts share."""
-        if self.word_maps is not None and layer in self.word_maps.layers:
-            self.word_maps.add(maps.float(), frames, self.frames)
-        if layer in self.plan.cross_attention and self.timestep in self.plan.word_steps:
-            cond = maps[-frames:]
-            source = self._exchange(layer, cond[..., : self.plan.source_tokens])
-            if not self.recording:
-                shared = (self.token_map >= 0) & (self.token_map < self.plan.source_tokens)
-                cond = cond.clone()
-                cond[..., shared] = source[..., self.token_map[shared]]
-                maps = torch.cat([maps[:-frames], cond])
-        if self.reweighting is not None:
-            maps = self.reweighting.apply(maps, frames, self.timestep, self.frames)
+        session = self.session
+        if session.word_maps is not None and layer in session.word_maps.layers:
+            session.word_maps.add(maps.float(), frames, self.frames)
+        plan = session.plan
+        if layer in plan.cross_attention and self.timestep in plan.word_steps:
+            cond = maps[-frames:].clone()
+            source = self._exchange(session, layer, cond[..., : plan.source_tokens])
+            if session.recording:  # the source's own maps, as recorded
+                cond[..., : plan.source_tokens] = source
+            else:
+                shared = (session.token_map >= 0) & (session.token_map < plan.source_tokens)
+                cond[..., shared] = source[..., session.token_map[shared]]
+            maps = torch.cat([maps[:-frames], cond])
+        if session.reweighting is not None:
+            maps = session.reweighting.apply(maps, frames, self.timestep, self.frames)
         return maps
 
 

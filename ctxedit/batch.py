@@ -81,7 +81,7 @@ def tuning_plan(run: Run, job: Job, video_sha: str, overwrite: bool) -> str:
     if not run.record_path.exists():
         return "tune"
     record = run.read_record()
-    differences = job.tune.differences(record["settings"], ignore=())
+    differences = job.tune.differences(record)
     if record["model"]["id"] != job.model:
         differences.append(f"model: {record['model']['id']!r} -> {job.model!r}")
     if record["video"]["sha256"] != video_sha:
@@ -138,7 +138,9 @@ def describe_plan(job: Job, root: Path, overwrite: bool) -> str:
 
 def run_job(job: Job, root: Path, device: str, precision: str, overwrite: bool, progress: Progress | None) -> str:
     """Tune (unless done) and edit what is missing; returns what was done ('' when nothing was)."""
-    from ctxedit.editing import EditRequest, composite_paths, load_tuned, render_edits, write_composites
+    from ctxedit.editing import EditRequest, render_edits
+    from ctxedit.outputs import composite_paths, write_composites
+    from ctxedit.tuned import load_tuned
     from ctxedit.tuning import tune_video
 
     run = job_run(root, job)
@@ -249,7 +251,8 @@ def _edit_block(entry: dict, video: Path, root: Path, strip: Path | None, run_se
 def _strip_of(entry: dict, video: Path, record: dict, source: list) -> Path | None:
     """edits/<name>.png beside the edit (source row above edit row), made when missing or older than the edit."""
     from ctxedit import compose
-    from ctxedit.editing import source_frames
+    from ctxedit import video as videos
+    from ctxedit.tuned import source_frames
 
     png = video.with_suffix(".png")
     if png.exists() and png.stat().st_mtime >= video.stat().st_mtime:
@@ -259,7 +262,7 @@ def _strip_of(entry: dict, video: Path, record: dict, source: list) -> Path | No
             source.append(source_frames(record))
         rows = [
             ("source: " + record["settings"]["prompt"], source[0]),
-            (entry["target"], compose.read_like(video, source[0])),
+            (entry["target"], compose.read_like(videos.probe(video), source[0], list(range(len(source[0]))))),
         ]
     except VideoError:
         return None  # the source video was moved: no strip, the rest of the report stands

@@ -86,31 +86,10 @@ def write_strip(rows: list[tuple[str, np.ndarray]], dest: Path, overwrite: bool 
         strip(rows).save(tmp, format="PNG")
 
 
-def read_like(path: Path, like: np.ndarray) -> np.ndarray:
-    """The first len(like) frames of the video at `path`, at the size of `like` (edits may be at source size)."""
-    frames = videos.read_frames(videos.probe(path), list(range(len(like))))
+def read_like(info: videos.VideoInfo, like: np.ndarray, indices: list[int]) -> np.ndarray:
+    """The frames at `indices` of the video `info` describes, at the size of the frames `like` (edits may be at the
+    source's size)."""
+    frames = videos.read_frames(info, indices)
     if frames.shape[1:3] != like.shape[1:3]:
         frames = videos.resize_frames(frames, (like.shape[2], like.shape[1]))
     return frames
-
-
-def write_composites(
-    source: tuple[str, np.ndarray],
-    edits: list[tuple[str, Path]],
-    folder: Path,
-    side_by_side_video: bool,
-    grid_video: bool,
-    fps: float,
-    audio: videos.AudioSpan | None = None,
-    overwrite: bool = False,
-) -> list[Path]:
-    """side-by-side.mp4 and/or grid.mp4 in `folder`, from the source frames and the edit files (read back and
-    brought to the source frames' size); returns the paths written."""
-    rows = [source, *((caption, read_like(path, source[1])) for caption, path in edits)]
-    written = []
-    for wanted, name, compose in ((side_by_side_video, "side-by-side", side_by_side), (grid_video, "grid", grid)):
-        if wanted:
-            dest = folder / f"{name}.mp4"
-            videos.write_video(compose(rows), dest, fps, audio, overwrite)
-            written.append(dest)
-    return written

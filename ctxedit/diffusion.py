@@ -124,7 +124,7 @@ def invert(
     return trajectory
 
 
-def reconstruction_corrections(
+def reconstruction_landings(
     model: Model,
     trajectory: Steps,
     scheduler: DDIMScheduler,
@@ -135,21 +135,28 @@ def reconstruction_corrections(
     callback: Callback | None = None,
     out: Steps | None = None,
 ) -> Steps:
-    """Direct inversion (Ju et al. 2023): for each sampling step from `start`, how far one step of `model` from
-    a point of the source's trajectory lands from the next point (kept in `out` when given). Sampling with `model`
-    (context as in `sample`) and these added after each step reproduces the trajectory exactly, whatever the
-    guidance; an edit gets the same corrections."""
+    """Direct inversion (Ju et al. 2023): for each sampling step from `start`, where one step of `model` from a point
+    of the source's trajectory lands (kept in `out` when given). Sampling with `model` (context as in `sample`) and
+    `corrected` after each step reproduces the trajectory exactly, whatever the guidance; an edit gets the same
+    corrections."""
     first = trajectory[start]
-    corrections = out if out is not None else first.new_empty(len(trajectory) - 1 - start, *first.shape)
+    landings = out if out is not None else first.new_empty(len(trajectory) - 1 - start, *first.shape)
 
     def back_on_trajectory(step: int, y: torch.Tensor) -> torch.Tensor:
-        target = trajectory[step + 1]
-        corrections[step - start] = target - y
-        return target
+        landings[step - start] = y
+        return trajectory[step + 1]
 
     sample(model, first, scheduler, context_of, x0_init, shift, start=start, guide=back_on_trajectory,
            callback=callback)  # fmt: skip
-    return corrections
+    return landings
+
+
+def corrected(y: torch.Tensor, landing: torch.Tensor, on_trajectory: torch.Tensor) -> torch.Tensor:
+    """Direct inversion's correction of a step that reached y, where the source's own step reached `landing` instead
+    of `on_trajectory`: written so that it gives exactly `on_trajectory` when y is the source's landing (as
+    `y + (on_trajectory - landing)` would not, and in half precision a rounding off the trajectory changes the
+    next step the model takes)."""
+    return on_trajectory + (y - landing)
 
 
 def sample(

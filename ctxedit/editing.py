@@ -1,72 +1,45 @@
-"""Editing a tuned run: contextual DDIM inversion of the source (once, cached) and contextual sampling per target.
+"""Editing a tuned run, top to bottom as a diffusers pipeline:
 
-`edit_run` is what `ctxedit edit` calls, `render_edits` what `ctxedit batch` calls. The model is loaded once
-for all targets, an inversion with the same settings is reused (cached on disk), frames are decoded one by
-one and each edit is written atomically and recorded at once.
+1. `invert_source`: contextual DDIM inversion of the source, once per inversion setting, cached in the run;
+2. `source_pass`: one walk along the inverted trajectory with the source prompt, guided like the edits: direct
+   inversion's landings (its corrections), the features and maps to inject, the word maps for blending;
+3. `edit_latents`: contextual DDIM sampling from the inverted source towards a parsed target, the attention control
+   steered by one `Session` and `attention.step_plan`'s clock;
+4. `render_edits`: every request (and its candidates, reranked by `realign`) sampled, written and recorded at once.
+
+`edit_run` is what `ctxedit edit` calls, `render_edits` what `ctxedit batch` calls.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
-from functools import cached_property
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ctxedit import compose, diffusion, prompts, realign
-from ctxedit import video as videos
-from ctxedit.attention import Plan, Reweighting, WordMaps, attention_layers, blend_mask, layer_scale, stands_out
-from ctxedit.diffusion import ShiftSchedule
+from ctxedit import diffusion, outputs, realign
+from ctxedit.attention import (
+    Plan,
+    Reweighting,
+    Session,
+    WordMaps,
+    blend_mask,
+    mask_layers,
+    source_plan,
+    stands_out,
+    step_plan,
+)
 from ctxedit.errors import UsageError
-from ctxedit.files import TEMPORARY, atomic_path, check_free_space, refuse_overwrite, sha256_of
-from ctxedit.models.adapter import ContextAdapter
-from ctxedit.models.inflate import VideoUNet
-from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_precision
-from ctxedit.models.trained import build, load_trained
-from ctxedit.runs import Progress, ProgressEvent, Run, recorded_model
-from ctxedit.settings import EditSettings, OutputSettings, TuneSettings, recorded_settings
-from ctxedit.tuning import with_anchor
-
-REALIGN_WEIGHT = 1.5  # --realign auto: attention weight of the words the target changes, inside their region
-REALIGN_FRACTION = 0.5  # ...fading from the whole weight at the first step to none halfway
-# What the edit takes from the source, chosen by measurement on the shapes world (README, "Keeping structure"):
-FEATURE_LAYERS = ("up_blocks.1.resnets.1",)  # decoder features that carry the layout (as Plug-and-Play's)
-SELF_ATTENTION_LAYERS: tuple[str, ...] = ()  # self-attention injection moved objects more, not less
-WORD_SCALES = (2, 4)  # cross-attention layers at 1/2 and 1/4 of the latent size: shared words' maps
-MASK_SCALES = (2, 4)  # ...and the maps of the changed words, for blending
-
-
-@dataclass
-class Tuned:
-    """A tuned run, loaded: the model, its adapter, and the cached source latents and prompt states."""
-
-    run: Run
-    record: dict
-    sd: StableDiffusion
-    model: VideoUNet
-    adapter: ContextAdapter | None
-    shift: ShiftSchedule
-    x0: torch.Tensor  # (1, f, c, h, w) source latents
-    source_text: torch.Tensor  # (1, tokens, dim)
-    weights: int | None = None  # the tuning step whose parameters are loaded (a kept checkpoint); None: the end
-
-
-def use_weights(tuned: Tuned, step: int | None) -> None:
-    """Load the parameters after tuning step `step` (None: the finished tuning) unless they are loaded."""
-    if tuned.weights != step:
-        load_trained(tuned.run.weights_path(step), tuned.model, tuned.adapter)
-        tuned.weights = step
-
-
-def shift_of(tuned: Tuned, settings: EditSettings) -> ShiftSchedule:
-    """The tuned context shift, scaled by the edit's `context_scale`."""
-    return replace(tuned.shift, scale=tuned.shift.scale * settings.context_scale)
+from ctxedit.files import atomic_path, check_free_space, sha256_of
+from ctxedit.prompts import Target, parse_target, token_ids
+from ctxedit.runs import Progress, ProgressEvent, Run
+from ctxedit.settings import EditSettings, OutputSettings
+from ctxedit.tuned import Tuned, load_tuned
+from ctxedit.windows import SHORTER_SPAN, Records, SpilledSteps, Windows
 
 
 @dataclass
@@ -83,209 +56,15 @@ class EditResult:
     seconds: float
 
 
-def load_tuned(run: Run, device: str = "auto", precision: str = "auto") -> Tuned:
-    from safetensors.torch import load_file
-
-    record = run.require_tuned()
-    torch_device = resolve_device(device)
-    sd = load_sd(recorded_model(record), torch_device, resolve_precision(precision, torch_device))
-    settings = record["settings"]
-    shift = ShiftSchedule(settings["context"], settings["context_scale"])
-    model, adapter = build(sd, shift.active, settings["seed"])
-    load_trained(run.tuned_path, model, adapter)
-    cache = load_file(str(run.source_path), device=str(torch_device))
-    return Tuned(run, record, sd, model, adapter, shift, cache["latents"], cache["text"])
-
-
 @dataclass(frozen=True)
-class Windows:
-    """How a clip longer than the model's window is run: windows of `size` frames every `size - overlap` (the last
-    one ends with the clip), each after the anchor frame (`tuning.with_anchor`); where windows overlap, their
-    outputs are blended with weights that ramp across the overlap. A clip that fits is one window, run as is."""
-
-    frames: int
-    size: int
-    overlap: int
-
-    def __post_init__(self) -> None:
-        if self.frames > self.size and not 0 <= self.overlap < self.size:
-            raise UsageError(f"--overlap must be from 0 to below the tuned --window {self.size}, got {self.overlap}")
-
-    @cached_property
-    def sequences(self) -> list[list[int]]:
-        """The frames of each window, in the order the model sees them (the anchor first)."""
-        if self.frames <= self.size:
-            return [list(range(self.frames))]
-        firsts = [*range(0, self.frames - self.size, self.size - self.overlap), self.frames - self.size]
-        return [with_anchor(first, self.size) for first in firsts]
-
-    def blend(self, run: Callable[[int, list[int]], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """`run(k, frames)` gives window k's output for its frames, shaped like `like[:, frames]`; the clip's."""
-        sequences = self.sequences
-        if len(sequences) == 1:
-            return run(0, sequences[0])
-        position = torch.arange(self.size, device=like.device)
-        ramp = (torch.minimum(position + 1, self.size - position) / (self.overlap + 1)).clamp(max=1)
-        total = torch.zeros(like.shape, device=like.device)
-        weight = torch.zeros(self.frames, device=like.device)
-        for k, frames in enumerate(sequences):
-            own = frames[-self.size :]  # the anchor of a later window is the first window's to give
-            out = run(k, frames)[:, -self.size :].float()
-            total[:, own] += ramp.view(1, -1, *[1] * (out.dim() - 2)) * out
-            weight[own] += ramp
-        return total / weight.view(1, -1, *[1] * (like.dim() - 2))
+class EditRequest:
+    target: str  # as written, weights included
+    settings: EditSettings
+    path: Path
 
 
-def windows_of(tuned: Tuned, settings: EditSettings) -> Windows:
-    window = recorded_settings(TuneSettings, tuned.record["settings"])["window"]
-    return Windows(tuned.x0.shape[1], window, settings.overlap)
-
-
-class SpilledSteps:
-    """Latents per step in a memory-mapped .npy file, indexed like a (steps, ...) tensor (`diffusion.Steps`), one
-    step in memory at a time: a long clip's inverted trajectory and corrections (each ~3.3 MB per frame with SD 1.5
-    at 512 px and 50 steps) stay off the GPU."""
-
-    def __init__(self, array: np.ndarray, device: torch.device):
-        self.array, self.device = array, device
-
-    @classmethod
-    def create(cls, path: Path, steps: int, like: torch.Tensor) -> SpilledSteps:
-        return cls(np.lib.format.open_memmap(path, "w+", np.float32, (steps, *like.shape)), like.device)
-
-    @classmethod
-    def open(cls, path: Path, device: torch.device) -> SpilledSteps:
-        return cls(np.load(path, mmap_mode="r"), device)
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getitem__(self, step: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.array[step])).to(self.device)
-
-    def __setitem__(self, step: int, latents: torch.Tensor) -> None:
-        self.array[step] = latents.float().cpu().numpy()
-
-
-SHORTER_SPAN = "free some space or edit a shorter span (--from/--to)"
-
-
-class Records:
-    """What the source pass of a clip run in windows keeps on disk, in a temporary folder of the run: its records to
-    inject, one file per (window, timestep) (the store grows with the clip; one window's is in memory), and its
-    corrections (`steps`). The first records saved tell how much the whole store takes: refused if the disk has no
-    room for it."""
-
-    def __init__(self, run: Run, windows: int, plan: Plan):
-        self.folder = tempfile.TemporaryDirectory(dir=run.root, prefix=f".records{TEMPORARY}")
-        self.windows, self.plan, self.checked = windows, plan, False
-
-    def _path(self, window: int, timestep: int) -> Path:
-        return Path(self.folder.name) / f"{window}-{timestep}.safetensors"
-
-    def save(self, window: int, timestep: int, store: dict[tuple[int, str], torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        if store and not self.checked:
-            check_free_space(Path(self.folder.name), self._needed(store), "The source's records", SHORTER_SPAN)
-            self.checked = True
-        if store:
-            save_file({layer: t.contiguous() for (_, layer), t in store.items()}, str(self._path(window, timestep)))
-
-    def _needed(self, store: dict[tuple[int, str], torch.Tensor]) -> int:
-        """Bytes of the whole store, from one step's records: each layer's at every step its kind records."""
-        plan = self.plan
-        steps = lambda layer: plan.word_steps if layer in plan.cross_attention else plan.structure_steps  # noqa: E731
-        return self.windows * sum(t.nbytes * len(steps(layer)) for (_, layer), t in store.items())
-
-    def load(self, window: int, timestep: int, device: torch.device) -> dict[tuple[int, str], torch.Tensor]:
-        from safetensors.torch import load_file
-
-        path = self._path(window, timestep)
-        state = load_file(str(path), device=str(device)) if path.exists() else {}
-        return {(timestep, layer): t for layer, t in state.items()}
-
-    def steps(self, name: str, count: int, like: torch.Tensor) -> SpilledSteps:
-        path = Path(self.folder.name) / f"{name}.npy"
-        check_free_space(path.parent, count * like.numel() * 4, f"The source's {name}", SHORTER_SPAN)
-        return SpilledSteps.create(path, count, like)
-
-
-def predictor(
-    tuned: Tuned,
-    text: torch.Tensor,
-    uncond: torch.Tensor | None = None,
-    guidance: float = 1.0,
-    windows: Windows | None = None,
-    records: Records | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    steps: int = 1,
-):
-    """eps(x, t) of the tuned video UNet, with classifier-free guidance when `uncond` is given; over `windows` for a
-    long clip, its source records in `records` (saved while recording, loaded while injecting), `progress` told
-    the windows run of `steps` x windows."""
-    sd, model, control = tuned.sd, tuned.model, tuned.model.control
-
-    def predict_frames(x: torch.Tensor, t: int) -> torch.Tensor:
-        with sd.autocast():
-            if uncond is None:
-                return model(x.to(sd.dtype), t, text.to(sd.dtype)).float()
-            both = model(torch.cat([x, x]).to(sd.dtype), t, torch.cat([uncond, text]).to(sd.dtype)).float()
-        eps_uncond, eps_text = both.chunk(2)
-        return eps_uncond + guidance * (eps_text - eps_uncond)
-
-    if windows is None or len(windows.sequences) == 1:
-        return predict_frames
-    calls = 0
-
-    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
-        def window(k: int, frames: list[int]) -> torch.Tensor:
-            nonlocal calls
-            control.frames = frames
-            if records is not None and not control.recording:
-                control.store = records.load(k, t, x.device)
-            eps = predict_frames(x[:, frames], t)
-            if records is not None and control.recording:
-                records.save(k, t, control.store)
-                control.store = {}
-            calls += 1
-            if progress:
-                progress(calls, steps * len(windows.sequences))
-            return eps
-
-        try:
-            return windows.blend(window, x)
-        finally:
-            control.frames = None
-
-    return predict
-
-
-def _callbacks(windows: Windows, stage: Callable[[int, int], None] | None):
-    """(the predictor's progress, the sampler's): a long clip counts windows, a short one steps."""
-    return (None, stage) if len(windows.sequences) == 1 else (stage, None)
-
-
-def _stage(progress: Progress | None, stage: str, label: str = "") -> Callable[[int, int], None] | None:
-    return (lambda done, total: progress(ProgressEvent(stage, done, total, label=label))) if progress else None
-
-
-def inversion_key(tuned: Tuned, settings: EditSettings) -> str:
-    """Everything the inverted trajectory depends on, hashed."""
-    windows = windows_of(tuned, settings)
-    key = {
-        "steps": settings.steps,
-        "prompt": settings.inversion_prompt,
-        "tuned": sha256_of(tuned.run.weights_path(settings.checkpoint)),
-        "shift": asdict(shift_of(tuned, settings)) if tuned.adapter is not None else None,
-        "windows": [windows.size, windows.overlap] if len(windows.sequences) > 1 else None,
-        "runtime": [tuned.sd.device.type, str(tuned.sd.dtype)],
-        "stored": "trajectory",  # the whole ordinary trajectory, not only its end
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _schedulers(tuned: Tuned, steps: int):
+def schedulers(tuned: Tuned, steps: int):
+    """(DDIM sampler, DDIM inverse scheduler) of the model's schedule at `steps` steps."""
     from diffusers import DDIMInverseScheduler, DDIMScheduler
 
     sampler = DDIMScheduler.from_config(tuned.sd.scheduler.config)
@@ -295,11 +74,90 @@ def _schedulers(tuned: Tuned, steps: int):
     return sampler, inverse
 
 
+def predictor(
+    tuned: Tuned,
+    text: torch.Tensor,
+    uncond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    windows: Windows | None = None,
+    session: Session | None = None,
+    records: Records | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    steps: int = 1,
+):
+    """eps(x, t) of the tuned video UNet, with classifier-free guidance when `uncond` is given, each call steered
+    by `session` (None: the stock UNet); over `windows` for a long clip, the session's records in `records` (saved
+    while recording, loaded while injecting), `progress` told the windows run of `steps` x windows."""
+    sd, model, control = tuned.sd, tuned.model, tuned.model.control
+
+    def predict_frames(x: torch.Tensor, t: int, frames: list[int] | None = None) -> torch.Tensor:
+        with control.applying(session, frames), sd.autocast():
+            if uncond is None:
+                return model(x.to(sd.dtype), t, text.to(sd.dtype)).float()
+            both = model(torch.cat([x, x]).to(sd.dtype), t, torch.cat([uncond, text]).to(sd.dtype)).float()
+        eps_uncond, eps_text = both.chunk(2)
+        return eps_uncond + guidance * (eps_text - eps_uncond)
+
+    if windows is None or not windows.split:
+        return predict_frames
+    calls = 0
+
+    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
+        def window(k: int, frames: list[int]) -> torch.Tensor:
+            nonlocal calls
+            if records is not None and not session.recording:
+                session.store = records.load(k, t, x.device)
+            eps = predict_frames(x[:, frames], t, frames)
+            if records is not None and session.recording:
+                records.save(k, t, session.store)
+                session.store = {}
+            calls += 1
+            if progress:
+                progress(calls, steps * len(windows.sequences))
+            return eps
+
+        return windows.blend(window, x)
+
+    return predict
+
+
+def _callbacks(windows: Windows, stage: Callable[[int, int], None] | None):
+    """(the predictor's progress, the sampler's): a long clip counts windows, a short one steps."""
+    return (stage, None) if windows.split else (None, stage)
+
+
+def _stage(progress: Progress | None, stage: str, label: str = "") -> Callable[[int, int], None] | None:
+    return (lambda done, total: progress(ProgressEvent(stage, done, total, label=label))) if progress else None
+
+
 def _context_of(tuned: Tuned, text: torch.Tensor, windows: Windows):
     """The context while sampling towards `text`: R(x0_hat, c), a window at a time; None without an adapter."""
     if tuned.adapter is None:
         return None
     return lambda x0_hat: windows.blend(lambda _, frames: tuned.adapter(x0_hat[:, frames], text), x0_hat)
+
+
+def _uncond(tuned: Tuned, settings: EditSettings) -> torch.Tensor:
+    """The unguided branch: the source prompt for negative-prompt inversion, else the empty prompt."""
+    return tuned.source_text if settings.inversion == "negative" else tuned.sd.encode_text([""])
+
+
+# ---- 1. inversion ------------------------------------------------------------------------------------------
+
+
+def inversion_key(tuned: Tuned, settings: EditSettings) -> str:
+    """Everything the inverted trajectory depends on, hashed: the settings of the inversion stage, the parameters
+    and shift they apply to, and where it runs."""
+    windows = tuned.windows(settings.overlap)
+    key = {
+        "settings": dict(settings.depending("inversion")),
+        "tuned": sha256_of(tuned.run.weights_path(settings.checkpoint)),
+        "shift": asdict(tuned.shift_for(settings)) if tuned.adapter is not None else None,
+        "windows": [windows.size, windows.overlap] if windows.split else None,
+        "runtime": [tuned.sd.device.type, str(tuned.sd.dtype)],
+        "stored": "trajectory",  # the whole ordinary trajectory, not only its end
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -310,31 +168,33 @@ def invert_source(
     setting and cached in the run, a long clip's on disk (`SpilledSteps`)."""
     from safetensors.torch import load_file, save_file
 
-    windows = windows_of(tuned, settings)
-    spill = len(windows.sequences) > 1
-    path = tuned.run.inversion_path(inversion_key(tuned, settings), ".npy" if spill else ".safetensors")
-    if path.exists() and spill:
+    windows = tuned.windows(settings.overlap)
+    path = tuned.run.inversion_path(inversion_key(tuned, settings), ".npy" if windows.split else ".safetensors")
+    if path.exists() and windows.split:
         return SpilledSteps.open(path, tuned.sd.device), True
     if path.exists():
         return load_file(str(path), device=str(tuned.sd.device))["trajectory"], True
-    _, inverse = _schedulers(tuned, settings.steps)
+    _, inverse = schedulers(tuned, settings.steps)
     text = tuned.source_text if settings.inversion_prompt == "source" else tuned.sd.encode_text([""])
     counted, callback = _callbacks(windows, _stage(progress, "invert"))
     source_context = _context_of(tuned, tuned.source_text, windows)  # fixed: R(x0_src, c_src)
-    if spill:
+    if windows.split:
         needed = (settings.steps + 1) * tuned.x0.numel() * 4
         check_free_space(tuned.run.root, needed, "The inverted source of this clip", SHORTER_SPAN)
     with atomic_path(path) as tmp:
         trajectory = diffusion.invert(
             predictor(tuned, text, windows=windows, progress=counted, steps=settings.steps), tuned.x0, inverse,
-            source_context(tuned.x0) if source_context else None, shift_of(tuned, settings), callback,
-            SpilledSteps.create(tmp, settings.steps + 1, tuned.x0) if spill else None,
+            source_context(tuned.x0) if source_context else None, tuned.shift_for(settings), callback,
+            SpilledSteps.create(tmp, settings.steps + 1, tuned.x0) if windows.split else None,
         )  # fmt: skip
-        if spill:
+        if windows.split:
             trajectory.array.flush()
         else:
             save_file({"trajectory": trajectory.contiguous().cpu()}, str(tmp))
     return trajectory, False
+
+
+# ---- 2. the source pass ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -343,248 +203,158 @@ class SourcePass:
 
     trajectory: diffusion.Steps  # (steps + 1, 1, f, c, h, w): the inverted source, noisiest first
     cached: bool  # the inversion came from the run's cache
-    corrections: diffusion.Steps | None  # direct inversion: one per sampling step from settings.first_step
+    landings: diffusion.Steps | None  # direct inversion: where each sampling step from settings.first_step lands
     plan: Plan  # what the edit takes from the source, where and when
     store: dict  # the source's recorded features and attention, keyed (timestep, layer)...
-    records: Records | None  # ...or, for a clip run in windows, per window on disk (with the corrections)
+    records: Records | None  # ...or, for a clip run in windows, per window on disk (with the landings)
     word_maps: WordMaps | None  # the source's cross-attention per token, for blending masks
-
-
-def structure_plan(settings: EditSettings, timesteps: list[int], unet, source_tokens: int = 77) -> Plan:
-    """Which layers inject at which timesteps: the first `keep_structure` and `keep_words` fractions of the steps;
-    the shared words' maps are kept for the source prompt's `source_tokens` tokens."""
-    levels = len(unet.config.block_out_channels)
-    cross = tuple(name for name in attention_layers(unet, "attn2") if layer_scale(name, levels) in WORD_SCALES)
-    return Plan(
-        features=FEATURE_LAYERS,
-        self_attention=SELF_ATTENTION_LAYERS,
-        structure_steps=frozenset(timesteps[: round(settings.keep_structure * len(timesteps))]),
-        cross_attention=cross,
-        word_steps=frozenset(timesteps[: round(settings.keep_words * len(timesteps))]),
-        source_tokens=source_tokens,
-    )
-
-
-def _mask_layers(unet, latent_size: tuple[int, int]) -> tuple[str, ...]:
-    """Decoder cross-attention at 1/2 and 1/4 of the latents with maps of at least 8x8, where words are localised
-    best; a UNet without such layers (a tiny one) uses all its decoder cross-attention."""
-    levels = len(unet.config.block_out_channels)
-    decoder = [name for name in attention_layers(unet, "attn2") if name.startswith("up_blocks")]
-    scale = lambda name: layer_scale(name, levels)  # noqa: E731
-    best = [name for name in decoder if scale(name) in MASK_SCALES and min(latent_size) // scale(name) >= 8]
-    return tuple(best or decoder)
-
-
-def _uncond(tuned: Tuned, settings: EditSettings) -> torch.Tensor:
-    """The unguided branch: the source prompt for negative-prompt inversion, else the empty prompt."""
-    return tuned.source_text if settings.inversion == "negative" else tuned.sd.encode_text([""])
 
 
 @torch.no_grad()
 def source_pass(tuned: Tuned, settings: EditSettings, progress: Progress | None = None) -> SourcePass:
     """Invert the source (or load it), then, if the settings use any, walk its trajectory once with the source
-    prompt guided like the edits: direct inversion's corrections, the records to inject, the word maps."""
-    use_weights(tuned, settings.checkpoint)
+    prompt guided like the edits: direct inversion's landings, the records to inject, the word maps."""
+    tuned.use_weights(settings.checkpoint)
     trajectory, cached = invert_source(tuned, settings, progress)
-    sampler, _ = _schedulers(tuned, settings.steps)
-    source_tokens = len(prompts.token_ids(tuned.sd.tokenizer, tuned.record["settings"]["prompt"]))
-    plan = structure_plan(settings, sampler.timesteps.tolist(), tuned.sd.unet, source_tokens)
-    needed = settings.inversion == "direct" or plan.injects() or settings.blend != "off"
-    if not needed:
+    sampler, _ = schedulers(tuned, settings.steps)
+    source_tokens = len(token_ids(tuned.sd.tokenizer, tuned.prompt))
+    latent_size = tuple(tuned.x0.shape[-2:])
+    layers = mask_layers(tuned.sd.unet, latent_size) if settings.blend != "off" else ()
+    plan = source_plan(step_plan(settings), sampler.timesteps.tolist(), tuned.sd.unet, source_tokens, layers)
+    if not (settings.inversion == "direct" or plan.injects() or layers):
         return SourcePass(trajectory, cached, None, Plan(), {}, None, None)
-    control = tuned.model.control
-    control.reset()
-    control.plan, control.recording = plan, True
-    windows = windows_of(tuned, settings)
-    records = Records(tuned.run, len(windows.sequences), plan) if len(windows.sequences) > 1 else None
-    if settings.blend != "off":
-        latent_size = tuple(tuned.x0.shape[-2:])
-        layers = _mask_layers(tuned.sd.unet, latent_size)
-        control.word_maps = WordMaps(layers, latent_size, clip_frames=windows.frames, tokens=source_tokens)
+    windows = tuned.windows(settings.overlap)
+    records = Records(tuned.run.root, len(windows.sequences), plan) if windows.split else None
+    word_maps = WordMaps(layers, latent_size, clip_frames=windows.frames, tokens=source_tokens) if layers else None
+    session = Session(plan, recording=True, word_maps=word_maps)
     counted, callback = _callbacks(windows, _stage(progress, "source"))
     count = settings.steps - settings.first_step
     try:
-        source = predictor(tuned, tuned.source_text, _uncond(tuned, settings), settings.guidance, windows, records,
-                           counted, count)  # fmt: skip
-        corrections = diffusion.reconstruction_corrections(
+        source = predictor(tuned, tuned.source_text, _uncond(tuned, settings), settings.guidance, windows, session,
+                           records, counted, count)  # fmt: skip
+        landings = diffusion.reconstruction_landings(
             source, trajectory, sampler, _context_of(tuned, tuned.source_text, windows), tuned.x0,
-            shift_of(tuned, settings), settings.first_step, callback,
-            records.steps("corrections", count, tuned.x0) if records else None,
+            tuned.shift_for(settings), settings.first_step, callback,
+            records.steps("landings", count, tuned.x0) if records else None,
         )  # fmt: skip
-        store, word_maps = control.store, control.word_maps
     except BaseException:
         if records:
-            records.folder.cleanup()  # now, not whenever the traceback lets go of it
+            records.cleanup()  # now, not whenever the traceback lets go of it
         raise
-    finally:
-        control.reset()
-    direct = corrections if settings.inversion == "direct" else None
-    return SourcePass(trajectory, cached, direct, plan, store, records, word_maps)
+    direct = landings if settings.inversion == "direct" else None
+    return SourcePass(trajectory, cached, direct, plan, session.store, records, session.word_maps)
 
 
-def _blend_tokens(tokenizer, source: str, target: str, settings: EditSettings) -> tuple[list[int], list[int]] | None:
-    """(source, target) token positions whose region may change, or None for no blending."""
-    if settings.blend == "off":
+# ---- 3. an edit --------------------------------------------------------------------------------------------
+
+
+def _region(maps: torch.Tensor) -> torch.Tensor | None:
+    """The blending mask of summed word maps (f, h, w), or None where they do not single out a region."""
+    return blend_mask(maps) if stands_out(maps) else None
+
+
+def reweighting(
+    target: Target, settings: EditSettings, source: SourcePass, changed_region: torch.Tensor | None, strength: dict
+) -> Reweighting | None:
+    """The target's prompt weights (with --realign auto, the words it changes weighted too, unless the prompt weighs
+    them itself), each in its own region: a changed word in the changed words' region, a word the target keeps in
+    its phrase's in the source; raised everywhere where no region is known. None where every weight is 1: the stock
+    attention."""
+    weights = target.weights
+    if settings.realign == "auto":
+        weights = dict.fromkeys(target.changed, realign.REALIGN_WEIGHT) | weights
+    if all(w == 1 for w in weights.values()):
         return None
-    words = settings.blend_words()
-    if words:
-        in_source = [w for w in words if prompts.has_word(tokenizer, source, w)]
-        in_target = [w for w in words if prompts.has_word(tokenizer, target, w)]
-        missing = [w for w in words if w not in in_source + in_target]
-        if missing:
-            raise UsageError(f"--blend word {missing[0]!r} is in neither the source nor the target prompt")
-        return prompts.named_words(tokenizer, source, in_source), prompts.named_words(tokenizer, target, in_target)
-    alignment = prompts.align(tokenizer, source, target)
-    changed = (
-        prompts.content(tokenizer, source, alignment.changed_source),
-        prompts.content(tokenizer, target, alignment.changed_target),
-    )
-    if not any(changed):
-        return None  # nothing named changed: nothing to localise
-    return prompts.phrases(tokenizer, source, changed[0]), prompts.phrases(tokenizer, target, changed[1])
+    regions = [
+        _region(source.word_maps.of(target.kept_phrases[token]))
+        if token in target.kept_phrases and source.word_maps is not None else changed_region
+        for token in weights
+    ]  # fmt: skip
+    if all(region is None for region in regions):
+        return Reweighting(weights, None, strength)
+    like = next(region for region in regions if region is not None)
+    stacked = torch.stack([torch.ones_like(like) if region is None else region for region in regions])
+    return Reweighting(weights, stacked, strength)
 
 
 @torch.no_grad()
 def edit_latents(
     tuned: Tuned,
     source: SourcePass,
-    target: str,
+    target: Target | str,
     settings: EditSettings,
     progress: Progress | None = None,
     label: str | None = None,
 ) -> torch.Tensor:
-    """Contextual DDIM sampling from the inverted source towards `target`, steered by the source pass; progress
-    events carry `label` (default: the target)."""
-    sd, control = tuned.sd, tuned.model.control
-    use_weights(tuned, settings.checkpoint)
-    sampler, _ = _schedulers(tuned, settings.steps)
-    target, weights = prompts.parse_weights(sd.tokenizer, target)
-    text = sd.encode_text([target])
-    seed = settings.seed if settings.seed is not None else tuned.record["settings"]["seed"]
-    generator = torch.Generator(sd.device).manual_seed(seed)
-    source_prompt = tuned.record["settings"]["prompt"]
-    blend = _blend_tokens(sd.tokenizer, source_prompt, target, settings) if source.word_maps else None
+    """Contextual DDIM sampling from the inverted source towards `target` (parsed, or a prompt to parse), steered
+    by the source pass; progress events carry `label` (default: the target's text)."""
+    sd = tuned.sd
+    target = target_for(tuned, target, settings) if isinstance(target, str) else target
+    tuned.use_weights(settings.checkpoint)
+    sampler, _ = schedulers(tuned, settings.steps)
+    text = sd.encode_text([target.text])
+    generator = torch.Generator(sd.device).manual_seed(settings.seed if settings.seed is not None else tuned.seed)
+    windows = tuned.windows(settings.overlap)
     # The region of the words the target replaces or drops, where the source pass saw them: fixed and reliable (a
     # model that binds words loosely may attend elsewhere for the new ones). Only words it adds take their own.
     # Where the source's words do not single out a region, a mask would pin the wrong place: no blending then.
-    source_mask = None
-    if blend and blend[0]:
-        source_maps = source.word_maps.of(blend[0])
-        source_mask = blend_mask(source_maps) if stands_out(source_maps) else None
-        blend = blend if source_mask is not None else None
+    blend = target.blend if source.word_maps else None
+    source_mask = _region(source.word_maps.of(blend[0])) if blend and blend[0] else None
+    if blend and blend[0] and source_mask is None:
+        blend = None
+    own_maps = blend is not None and source_mask is None
+    session = Session(
+        source.plan,
+        store=source.store,
+        token_map=target.alignment.token_map.to(sd.device),
+        word_maps=WordMaps(source.word_maps.layers, source.word_maps.latent_size, clip_frames=windows.frames,
+                           tokens=target.tokens) if own_maps else None,
+        reweighting=reweighting(target, settings, source, source_mask, step_plan(settings).strength(
+            sampler.timesteps.tolist())),
+    )  # fmt: skip
     start = settings.first_step
 
     def guide(step: int, y: torch.Tensor) -> torch.Tensor:
-        if source.corrections is not None:
-            y = y + source.corrections[step - start]
+        anchor = source.trajectory[step + 1] if source.landings is not None or blend is not None else None
+        if source.landings is not None:
+            y = diffusion.corrected(y, source.landings[step - start], anchor)
         if blend is not None:
-            mask = source_mask if source_mask is not None else blend_mask(control.word_maps.of(blend[1]))
-            anchor = source.trajectory[step + 1]
+            mask = source_mask if source_mask is not None else blend_mask(session.word_maps.of(blend[1]))
             y = anchor + mask[None, :, None] * (y - anchor)  # outside the mask, the source as it was
         return y
 
-    alignment = prompts.align(sd.tokenizer, source_prompt, target)
-    if settings.realign == "auto":  # the words the target changes, unless the prompt weighs them itself
-        changed = prompts.content(sd.tokenizer, target, alignment.changed_target)
-        weights = dict.fromkeys(changed, REALIGN_WEIGHT) | weights
-    control.reset()
-    control.plan, control.store = source.plan, source.store
-    control.token_map = alignment.token_map.to(sd.device)
-    windows = windows_of(tuned, settings)
-    if any(w != 1 for w in weights.values()):  # weight 1 everywhere: the stock attention, bit for bit
-        timesteps = sampler.timesteps.tolist()[start:]
-        fade = {t: max(0.0, 1 - k / (REALIGN_FRACTION * len(timesteps))) for k, t in enumerate(timesteps)}
-        control.reweighting = Reweighting(weights, source_mask, fade)
-    if blend is not None and source_mask is None:
-        control.word_maps = WordMaps(
-            source.word_maps.layers, source.word_maps.latent_size, clip_frames=windows.frames,
-            tokens=len(prompts.token_ids(sd.tokenizer, target)),
-        )  # fmt: skip
-    counted, callback = _callbacks(windows, _stage(progress, "edit", label or target))
-    try:
-        return diffusion.sample(
-            predictor(
-                tuned,
-                text,
-                _uncond(tuned, settings),
-                settings.guidance,
-                windows,
-                source.records,
-                counted,
-                settings.steps - start,
-            ),
-            source.trajectory[start],
-            sampler,
-            _context_of(tuned, text, windows),
-            tuned.x0,
-            shift_of(tuned, settings),
-            eta=settings.eta,
-            generator=generator,
-            start=start,
-            guide=guide,
-            callback=callback,
-        )
-    finally:
-        control.reset()
+    counted, callback = _callbacks(windows, _stage(progress, "edit", label or target.text))
+    model = predictor(tuned, text, _uncond(tuned, settings), settings.guidance, windows, session, source.records,
+                      counted, settings.steps - start)  # fmt: skip
+    return diffusion.sample(
+        model, source.trajectory[start], sampler, _context_of(tuned, text, windows), tuned.x0,
+        tuned.shift_for(settings), eta=settings.eta, generator=generator, start=start, guide=guide, callback=callback,
+    )  # fmt: skip
 
 
-def _output_fps(record: dict, output: OutputSettings) -> float:
-    return output.fps or record["fps"]
+# ---- 4. requests, candidates and files ---------------------------------------------------------------------
 
 
-def _audio_span(record: dict, output: OutputSettings) -> videos.AudioSpan | None:
-    """The source's audio under the edited frames; none at another frame rate, where it would not line up."""
-    source, frames = record["video"], record["frames"]
-    if not source["has_audio"] or not Path(source["path"]).exists() or _output_fps(record, output) != record["fps"]:
-        return None
-    start = frames.get("start_s", frames["indices"][0] / source["fps"])  # runs tuned before start_s was recorded
-    return videos.AudioSpan(Path(source["path"]), start, frames["count"] * frames["stride"] / source["fps"])
+def target_for(tuned: Tuned, raw: str, settings: EditSettings) -> Target:
+    """The target prompt `raw` parsed against the run's source prompt, blending as `settings` say."""
+    blend_words = None if settings.blend == "off" else settings.blend_words()
+    return parse_target(tuned.sd.tokenizer, tuned.prompt, raw, blend_words)
 
 
-def composite_paths(run: Run, output: OutputSettings) -> list[Path]:
-    wanted = (("side-by-side", output.side_by_side), ("grid", output.grid))
-    return [run.root / "edits" / f"{name}.mp4" for name, on in wanted if on]
-
-
-def output_paths(
-    run: Run, targets: list[str], out: Path | None, output: OutputSettings, overwrite: bool, candidates: int = 1
-) -> list[Path]:
-    """Where each edit goes; checked (with the composites) before any work so that nothing runs only to be refused."""
-    if not targets or any(not t.strip() for t in targets):
-        raise UsageError("--target is empty; give the edited description, e.g. --target 'a man is skiing on the moon'")
-    if out is not None and len(targets) > 1:
-        raise UsageError("--out names one file; with several --target the edits go to the run's edits/ folder")
-    paths = [out] if out is not None else [run.edit_path(t) for t in targets]
-    if out is not None and out.suffix.lower() != ".mp4":
-        raise UsageError(f"--out must end in .mp4, got {out.name}")
-    if len(set(paths)) < len(paths):
-        raise UsageError("two targets give the same file name; make them differ in letters or digits")
-    for path in paths:
-        refuse_overwrite(path, overwrite)
-        if output.gif:
-            refuse_overwrite(path.with_suffix(".gif"), overwrite)
-        for kept in candidate_paths(path, candidates) if output.keep_candidates else []:
-            refuse_overwrite(kept, overwrite)
-    for path in composite_paths(run, output):
-        refuse_overwrite(path, overwrite)
-    return paths
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    target: str
-    settings: EditSettings
-    path: Path
-
-
-def _source_key(settings: EditSettings) -> EditSettings:
-    """The settings without what the source pass does not depend on (the rest of the run is fixed)."""
-    return replace(settings, eta=0.0, seed=None, realign="off", candidates=1, scorer="attention", scorer_model=None)
-
-
-def candidate_paths(path: Path, count: int) -> list[Path]:
-    """Where `--keep-candidates` writes the candidates of the edit at `path`."""
-    return [path.parent / f"{path.stem}.candidates" / f"{k}.mp4" for k in range(count)] if count > 1 else []
+def parse_requests(tuned: Tuned, requests: list[EditRequest]) -> list[Target]:
+    """Each request's target parsed; a --blend word in neither prompt, a malformed weight, an --overlap the window
+    cannot take or a --checkpoint that was not kept fail here, before any work."""
+    kept = tuned.run.kept_steps()
+    targets = []
+    for request in requests:
+        settings = request.settings
+        targets.append(target_for(tuned, request.target, settings))
+        tuned.windows(settings.overlap)
+        step = settings.checkpoint
+        if step is not None and step not in kept:
+            offer = f"kept: {', '.join(map(str, kept))}" if kept else "tune with --keep-checkpoints to keep some"
+            raise UsageError(f"--checkpoint {step}: {tuned.run.root} kept no parameters after step {step} ({offer})")
+    return targets
 
 
 def render_edits(
@@ -596,85 +366,64 @@ def render_edits(
 ) -> list[EditResult]:
     """Edit towards each request's target; every edit is written and recorded as soon as it is done. Requests
     (and candidates) with the same source-pass settings in a row share one source pass (the first one's time
-    includes it). With `candidates` > 1 each candidate is scored and the best by fused ranks is the edit."""
-    record = tuned.record
+    includes it). With `candidates` > 1 each candidate is scored and the best by fused ranks is the edit; the
+    candidates' latents are kept, their frames decoded one candidate at a time."""
+    targets = parse_requests(tuned, requests)
     kept = tuned.run.kept_steps()
-    for request in requests:  # a --blend word in neither prompt, a malformed weight, ... fail before any work
-        target, _ = prompts.parse_weights(tuned.sd.tokenizer, request.target)
-        _blend_tokens(tuned.sd.tokenizer, record["settings"]["prompt"], target, request.settings)
-        windows_of(tuned, request.settings)  # an --overlap the window cannot take
-        step = request.settings.checkpoint
-        if step is not None and step not in kept:
-            offer = f"kept: {', '.join(map(str, kept))}" if kept else "tune with --keep-checkpoints to keep some"
-            raise UsageError(f"--checkpoint {step}: {tuned.run.root} kept no parameters after step {step} ({offer})")
-    passes: dict[EditSettings, SourcePass] = {}  # the last one only: SD 1.5's holds ~825 MiB of records
+    passes: dict[tuple, SourcePass] = {}  # the last one only: SD 1.5's holds ~825 MiB of records
     reranker = realign.Reranker(tuned)
     results = []
-    for request in requests:
+    for request, target in zip(requests, targets, strict=True):
         started = time.perf_counter()
         settings = request.settings
-        seed = settings.seed if settings.seed is not None else record["settings"]["seed"]
+        seed = settings.seed if settings.seed is not None else tuned.seed
         options = realign.candidate_settings(settings, settings.candidates, seed, kept, tuned.adapter is not None)
-        keys = [_source_key(option) for option in options]
+        keys = [option.depending("source") for option in options]
         made: dict[int, torch.Tensor] = {}  # latents
         cached = True
         for k in sorted(range(len(options)), key=lambda k: keys.index(keys[k])):  # one source pass per key
             if keys[k] not in passes:
-                passes = {keys[k]: source_pass(tuned, options[k], progress)}
+                passes.clear()  # the one before goes first: two source passes never share the memory
+                passes[keys[k]] = source_pass(tuned, options[k], progress)
             source = passes[keys[k]]
             cached, source.cached = cached and source.cached, True
-            made[k] = edit_latents(tuned, source, request.target, options[k], progress, _label(request, k, options))
+            made[k] = edit_latents(tuned, source, target, options[k], progress, _label(request, k, options))
 
         decode = [_stage(progress, "decode", _label(request, k, options)) for k in range(len(options))]
-        if len(options) == 1:
-            chosen, candidates, frames = 0, [], tuned.sd.decoded_frames(made[0], decode[0])  # streamed to the file
-        else:  # the candidates are scored on their frames
-            frames_of = {k: tuned.sd.decode_latents(latents, decode[k]) for k, latents in made.items()}
-            chosen, candidates = reranker.choose(request, options, frames_of)
-            frames = frames_of[chosen]
-        if output.keep_candidates:
-            for path, candidate in zip(candidate_paths(request.path, len(candidates)), candidates, strict=True):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _write(frames_of[candidate["index"]], path, record, output, overwrite)
-                candidate["path"] = str(path)
-        count, (width, height), fps, audio = _write(frames, request.path, record, output, overwrite)
-        gif_path = request.path.with_suffix(".gif") if output.gif else None
-        if gif_path:
-            videos.write_gif(request.path, gif_path, overwrite)
+        chosen, candidates = 0, []
+        if len(options) > 1:  # each candidate scored on its frames, one in memory at a time
+            scores, paths = [], outputs.candidate_paths(request.path, len(options)) if output.keep_candidates else []
+            for k, latents in made.items():
+                frames = tuned.sd.decode_latents(latents, decode[k])
+                scores.append(reranker.score(target, settings, frames))
+                if paths:
+                    paths[k].parent.mkdir(parents=True, exist_ok=True)
+                    outputs.write_edit(frames, paths[k], tuned.record, output, overwrite)
+            chosen, candidates = realign.choose(settings, options, scores, paths)
+        frames = tuned.sd.decoded_frames(made[chosen], decode[chosen])  # streamed to the file
+        written = outputs.write_edit(frames, request.path, tuned.record, output, overwrite, output.gif)
         result = EditResult(
             target=request.target,
             path=str(request.path),
-            gif=str(gif_path) if gif_path else None,
-            frames=count,
-            width=width,
-            height=height,
-            fps=fps,
-            audio=audio is not None,
+            gif=written.gif,
+            frames=written.frames,
+            width=written.width,
+            height=written.height,
+            fps=written.fps,
+            audio=written.audio,
             inversion_cached=cached,
             seconds=time.perf_counter() - started,
         )
         entry = asdict(result) | {"settings": settings.to_dict(), "output": output.to_dict()}
         if candidates:
             entry |= {"candidates": candidates, "chosen": chosen, "rerank_axes": list(realign.RERANK_AXES)}
-        record["edits"].append(entry)
-        tuned.run.write_record(record)
+        tuned.record = tuned.run.update_record(lambda record, entry=entry: record["edits"].append(entry))
         results.append(result)
     return results
 
 
 def _label(request: EditRequest, k: int, options: list[EditSettings]) -> str:
     return request.target if len(options) == 1 else f"{request.target} ({k + 1}/{len(options)})"
-
-
-def _write(frames: Iterable[np.ndarray], path: Path, record: dict, output: OutputSettings, overwrite: bool):
-    """Write frames at the processed size (an iterable: streamed) as `output` asks (size, rate, the source's
-    audio); (frames written, (width, height), fps, audio)."""
-    size = (record["size"]["width"], record["size"]["height"])
-    if output.size == "source":
-        size = videos.source_region(record["video"]["width"], record["video"]["height"], size)
-        frames = (videos.resize_frames(frame[None], size)[0] for frame in frames)
-    audio, fps = _audio_span(record, output), _output_fps(record, output)
-    return videos.write_video(frames, path, fps, audio, overwrite), size, fps, audio
 
 
 def edit_run(
@@ -689,27 +438,10 @@ def edit_run(
     progress: Progress | None = None,
 ) -> list[EditResult]:
     """Edit a tuned run towards each target with one model load; then the composites `output` asks for."""
-    paths = output_paths(run, targets, out, output, overwrite, settings.candidates)
+    paths = outputs.output_paths(run, targets, out, output, overwrite, settings.candidates)
     tuned = load_tuned(run, device, precision)
     requests = [EditRequest(target, settings, path) for target, path in zip(targets, paths, strict=True)]
     results = render_edits(tuned, requests, output, overwrite, progress)
-    write_composites(run, tuned.record, [(r.target, Path(r.path)) for r in results], output, overwrite)
+    edits = [(r.target, Path(r.path)) for r in results]
+    outputs.write_composites(run, tuned.record, edits, output, overwrite)
     return results
-
-
-def source_frames(record: dict) -> np.ndarray:
-    """The tuned frames of the source, as the model saw them (processed size)."""
-    info = videos.probe(Path(record["video"]["path"]))
-    size = (record["size"]["width"], record["size"]["height"])
-    return videos.resize_frames(videos.read_frames(info, record["frames"]["indices"]), size)
-
-
-def write_composites(
-    run: Run, record: dict, edits: list[tuple[str, Path]], output: OutputSettings, overwrite: bool = False
-) -> list[Path]:
-    """The side-by-side and grid videos `output` asks for, of the source and `edits` (caption, file)."""
-    if not composite_paths(run, output) or not edits:
-        return []
-    source = ("source: " + record["settings"]["prompt"], source_frames(record))
-    folder, fps, audio = run.root / "edits", _output_fps(record, output), _audio_span(record, output)
-    return compose.write_composites(source, edits, folder, output.side_by_side, output.grid, fps, audio, overwrite)

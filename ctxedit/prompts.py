@@ -123,3 +123,43 @@ def parse_weights(tokenizer, prompt: str) -> tuple[str, dict[int, float]]:
     if "(" in plain or ")" in plain:
         raise UsageError(f"unbalanced or malformed weight in {prompt!r}: write (word:1.5), or leave out the brackets")
     return " ".join(plain.split()), weights
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target prompt, parsed once, as it relates to the source prompt: what the edit, the reranker and the scorers
+    all take."""
+
+    raw: str  # as written, weights included: what is recorded
+    text: str  # without weight syntax: what is encoded
+    weights: dict[int, float]  # target token position -> the weight the prompt gives it
+    alignment: Alignment  # with the source prompt
+    changed: list[int]  # target positions of the words naming something that the target replaces or adds
+    blend: tuple[list[int], list[int]] | None  # (source, target) positions whose region may change; None: no blend
+    tokens: int  # the target's tokens from the start token to the end token
+    kept_phrases: dict[int, list[int]]  # weighted target token kept from the source -> source positions of its phrase
+
+
+def parse_target(tokenizer, source: str, raw: str, blend_words: list[str] | None = ()) -> Target:
+    """`raw` parsed against the `source` prompt; `blend_words`: the words to blend, () for the changed words'
+    phrases, None for no blending."""
+    text, weights = parse_weights(tokenizer, raw)
+    alignment = align(tokenizer, source, text)
+    changed_source = content(tokenizer, source, alignment.changed_source)
+    changed = content(tokenizer, text, alignment.changed_target)
+    if blend_words is None:
+        blend = None
+    elif blend_words:
+        in_source = [w for w in blend_words if has_word(tokenizer, source, w)]
+        in_target = [w for w in blend_words if has_word(tokenizer, text, w)]
+        missing = [w for w in blend_words if w not in in_source + in_target]
+        if missing:
+            raise UsageError(f"--blend word {missing[0]!r} is in neither the source nor the target prompt")
+        blend = named_words(tokenizer, source, in_source), named_words(tokenizer, text, in_target)
+    elif changed_source or changed:
+        blend = phrases(tokenizer, source, changed_source), phrases(tokenizer, text, changed)
+    else:
+        blend = None  # nothing named changed: nothing to localise
+    source_of = alignment.token_map.tolist()
+    kept = {token: phrases(tokenizer, source, [source_of[token]]) for token in weights if source_of[token] >= 0}
+    return Target(raw, text, weights, alignment, changed, blend, len(token_ids(tokenizer, text)), kept)

@@ -2,6 +2,7 @@
 
 runs/<video-stem>/
   run.json               settings, versions, source video, loss summary, timings, one entry per edit
+  run.json.lock          held while a process writes run.json (tuning, each edit, scores), so none loses another's
   source.safetensors     VAE latents of the frames and the source prompt's text states (computed once)
   tuned.safetensors      the trained UNet parameters and the context adapter, nothing else
   checkpoint.pt          tuning state for --resume (removed when tuning finishes)
@@ -19,6 +20,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from ctxedit.errors import RunError
 from ctxedit.files import write_json
@@ -91,7 +94,22 @@ class Run:
             raise RunError(f"{self.record_path} is damaged ({error.msg}); tune again with --overwrite") from error
 
     def write_record(self, record: dict) -> None:
-        write_json(self.record_path, record)
+        """Replace the whole record (tuning, which owns the run while it runs)."""
+        with self._lock():
+            write_json(self.record_path, record)
+
+    def update_record(self, change: Callable[[dict], None]) -> dict:
+        """Apply `change` to the record as it is on disk now and write it back, both under the run's lock: what
+        other processes recorded meanwhile (their edits, scores) is kept. Returns the new record."""
+        with self._lock():
+            record = self.read_record()
+            change(record)
+            write_json(self.record_path, record)
+        return record
+
+    def _lock(self) -> FileLock:
+        """The inter-process lock of run.json (its file, and the folder, are made on first use; the file stays)."""
+        return FileLock(self.root / "run.json.lock")
 
     def require_tuned(self) -> dict:
         """The record of a finished tuning run, or a RunError that says what to do."""

@@ -22,9 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctxedit.errors import ModelError
+from ctxedit.errors import ModelError, UsageError
+from ctxedit.prompts import Target, parse_target
+from ctxedit.windows import Windows
 
-TextScorer = Callable[[np.ndarray, str], float]
+TextScorer = Callable[[np.ndarray, Target], float]
 CAPTION_FRAMES = 8  # frames captioned per edit, spread over the clip (all of an 8-frame clip: a wrong one counts)
 ATTENTION_TIMESTEPS = (100, 250)  # late denoising: the picture is formed, the words point at what is there
 
@@ -77,9 +79,9 @@ def sampled(frames: np.ndarray, count: int = CAPTION_FRAMES) -> np.ndarray:
 def caption_reward(captioner: Callable[[np.ndarray], list[str]], embed: Callable[[list[str]], torch.Tensor]):
     """RealignDiff's caption reward: mean cosine similarity of the captions of sampled frames with the text."""
 
-    def score(frames: np.ndarray, text: str) -> float:
+    def score(frames: np.ndarray, target: Target) -> float:
         captions = captioner(sampled(frames))
-        vectors = F.normalize(embed([text, *captions]).float(), dim=-1)
+        vectors = F.normalize(embed([target.text, *captions]).float(), dim=-1)
         return float((vectors[1:] @ vectors[0]).mean())
 
     return score
@@ -112,7 +114,9 @@ def blip_captioner(model_id: str, device: torch.device) -> Callable[[np.ndarray]
     return caption
 
 
-def clip_scorer(model_id: str, device: torch.device) -> tuple[TextScorer, Callable[[np.ndarray], float]]:
+def clip_scorer(
+    model_id: str, device: torch.device
+) -> tuple[Callable[[np.ndarray, str], float], Callable[[np.ndarray], float]]:
     """(CLIP frame-text score, CLIP frame consistency): 100 x cosine of each frame with the text, and of
     consecutive frames with each other, averaged (Tune-A-Video's protocol)."""
     from transformers import CLIPModel, CLIPProcessor
@@ -160,50 +164,44 @@ def _load(model_id: str, processor_class, model_class, device: torch.device):
 
 
 @torch.no_grad()
-def attention_mass(sd, model, frames: np.ndarray, text: str, tokens: list[int], generator_seed: int = 0) -> float:
-    """Share of the cross-attention (decoder layers, conditional pass) that the target's `tokens` receive over
-    all its word tokens, with the edit re-noised to `ATTENTION_TIMESTEPS`: how much the model finds them there."""
-    from ctxedit.attention import WordMaps, attention_layers
-    from ctxedit.prompts import token_ids
+def attention_mass(
+    sd, model, frames: np.ndarray, target: Target, windows: Windows | None = None, generator_seed: int = 0
+) -> float:
+    """Share of the cross-attention (decoder layers, conditional pass) that the words `target` changes receive over
+    all its word tokens, with the edit re-noised to `ATTENTION_TIMESTEPS`: how much the model finds them there. A
+    clip longer than the model's window is run a window at a time (`windows`)."""
+    from ctxedit.attention import Session, WordMaps, attention_layers
 
-    if not tokens:
+    if not target.changed:
         return 0.0  # the target changes no word: nothing to find, every candidate alike
     latents = sd.encode_frames(frames)
-    states = sd.encode_text([text])
-    words = list(range(1, len(token_ids(sd.tokenizer, text)) - 1))
+    windows = windows or Windows(latents.shape[1], latents.shape[1], 0)
+    states = sd.encode_text([target.text])
+    words = list(range(1, target.tokens - 1))
     layers = tuple(name for name in attention_layers(sd.unet, "attn2") if name.startswith("up_blocks"))
-    control = model.control
     generator = torch.Generator(sd.device).manual_seed(generator_seed)
     masses = []
     for t in ATTENTION_TIMESTEPS:
         noise = torch.randn(latents.shape, generator=generator, device=sd.device)
         noisy = sd.scheduler.add_noise(latents, noise, torch.tensor([t]))
-        control.reset()
-        control.word_maps = WordMaps(layers, tuple(latents.shape[-2:]))
-        try:
-            with sd.autocast():
-                model(noisy.to(sd.dtype), t, states.to(sd.dtype))
-            maps = control.word_maps.total  # (f, tokens, h, w)
-        finally:
-            control.reset()
-        masses.append(float(maps[:, tokens].sum() / maps[:, words].sum()))
+        session = Session(word_maps=WordMaps(layers, tuple(latents.shape[-2:]), clip_frames=windows.frames))
+        for frames_of_window in windows.sequences:
+            positions = frames_of_window if windows.split else None
+            with model.control.applying(session, positions), sd.autocast():
+                model(noisy[:, frames_of_window].to(sd.dtype), t, states.to(sd.dtype))
+        maps = session.word_maps.total  # (f, tokens, h, w)
+        masses.append(float(maps[:, target.changed].sum() / maps[:, words].sum()))
     return float(np.mean(masses))
 
 
-def text_scorer(kind: str, model_id: str | None, sd, model, source_prompt: str) -> TextScorer:
+def text_scorer(kind: str, model_id: str | None, sd, model, windows: Windows | None = None) -> TextScorer:
     """The text-alignment scorer `kind` (attention | caption | clip); `model_id` names the captioner (a BLIP model,
-    or "shapes" for the shapes world's) or the CLIP model."""
-    from ctxedit import prompts
-
+    or "shapes" for the shapes world's) or the CLIP model; the attention scorer runs `model` over `windows`."""
     if kind == "attention":
-
-        def attention(frames: np.ndarray, text: str) -> float:
-            changed = prompts.align(sd.tokenizer, source_prompt, text).changed_target
-            return attention_mass(sd, model, frames, text, prompts.content(sd.tokenizer, text, changed))
-
-        return attention
+        return lambda frames, target: attention_mass(sd, model, frames, target, windows)
     if kind == "clip":
-        return clip_scorer(model_id, sd.device)[0]
+        clip = clip_scorer(model_id, sd.device)[0]
+        return lambda frames, target: clip(frames, target.text)
     if model_id == "shapes":
         from ctxedit.toy.detect import caption
 
@@ -211,8 +209,8 @@ def text_scorer(kind: str, model_id: str | None, sd, model, source_prompt: str) 
     return caption_reward(blip_captioner(model_id, sd.device), text_embedder(sd))
 
 
-def score(frames: np.ndarray, source: np.ndarray, text: str, text_score: TextScorer) -> Scores:
-    return Scores(text_score(frames, text), consistency(frames, source), preservation(frames, source))
+def score(frames: np.ndarray, source: np.ndarray, target: Target, text_score: TextScorer) -> Scores:
+    return Scores(text_score(frames, target), consistency(frames, source), preservation(frames, source))
 
 
 def fused_ranks(candidates: list[dict[str, float]], axes: tuple[str, ...]) -> list[float]:
@@ -235,10 +233,8 @@ def score_run(
 ) -> list[dict]:
     """Score the run's recorded edits (all, or those at the paths `edits`) and record the scores in run.json."""
     from ctxedit import video
-    from ctxedit.editing import load_tuned, source_frames
-    from ctxedit.errors import UsageError
-    from ctxedit.prompts import parse_weights
     from ctxedit.settings import check_scorer
+    from ctxedit.tuned import load_tuned, source_frames
 
     check_scorer(scorer, scorer_model)
     record = run.require_tuned()
@@ -253,7 +249,7 @@ def score_run(
         raise UsageError(f"{run.root} holds no edits yet; make some with ctxedit edit --target ...")
     tuned = load_tuned(run, device, precision)
     source = source_frames(record)
-    text_score = text_scorer(scorer, scorer_model, tuned.sd, tuned.model, record["settings"]["prompt"])
+    text_score = text_scorer(scorer, scorer_model, tuned.sd, tuned.model, tuned.windows(0))
     results = []
     for path in chosen:
         entry = latest[path]
@@ -261,9 +257,15 @@ def score_run(
         frames = video.read_frames(info, list(range(info.num_frames)))
         if frames.shape[1:3] != source.shape[1:3]:  # written at the source's size: back to the model's
             frames = video.resize_frames(frames, (source.shape[2], source.shape[1]))
-        target, _ = parse_weights(tuned.sd.tokenizer, entry["target"])
+        target = parse_target(tuned.sd.tokenizer, tuned.prompt, entry["target"])
         axes = score(frames[: len(source)], source, target, text_score).axes()
         entry.setdefault("scores", {})[scorer] = axes
         results.append({"path": entry["path"], "target": entry["target"], "scorer": scorer, **axes})
-    run.write_record(record)
+
+    def add_scores(now: dict) -> None:  # to the record as it is now: another process may have recorded since
+        latest_now = {str(Path(e["path"]).resolve()): e for e in now["edits"]}
+        for path in set(chosen) & set(latest_now):
+            latest_now[path].setdefault("scores", {})[scorer] = latest[path]["scores"][scorer]
+
+    run.update_record(add_scores)
     return results

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from ctxedit.errors import UsageError
 
@@ -125,14 +125,17 @@ class TuneSettings:
             return self.steps
         return round(STEPS * max(1.0, frames / self.window) ** STEPS_GROWTH)
 
-    def differences(self, recorded: dict, ignore: tuple[str, ...] = ("steps",)) -> list[str]:
-        """Settings that differ from a recorded run, as 'name: recorded -> now' (a setting recorded before it
-        existed counts as its default)."""
-        recorded = recorded_settings(type(self), recorded)
+    def differences(self, record: dict) -> list[str]:
+        """Settings that differ from those of a run's record, as 'name: recorded -> now'. Steps compare as the number
+        they come to on the run's frames (a run records that number); a setting recorded before it existed counts
+        as its default."""
+        recorded = recorded_settings(type(self), record["settings"])
+        given = self.to_dict()
+        now = given | {"steps": self.steps_for(len(record["frames"]["indices"]))}
         return [
-            f"{f.name}: {recorded[f.name]!r} -> {getattr(self, f.name)!r}"
-            for f in fields(self)
-            if f.name not in ignore and recorded[f.name] != getattr(self, f.name)
+            f"{name}: {recorded[name]!r} -> {given[name]!r}" + (f" ({value})" if value != given[name] else "")
+            for name, value in now.items()
+            if recorded[name] != value
         ]
 
 
@@ -141,25 +144,36 @@ def _fraction(flag: str, value: float, low_open: bool = False) -> None:
         raise UsageError(f"{flag} must be a fraction in {'(0' if low_open else '[0'}, 1], got {value}")
 
 
+STAGES = ("inversion", "source", "edit")  # what an edit setting changes: each stage depends on those before it
+
+
+def _stage(stage: str, default: object = None):
+    """A setting that the edit's `stage` and every later one depend on (`EditSettings.depending`)."""
+    return field(default=default, metadata={"stage": stage})
+
+
 @dataclass(frozen=True)
 class EditSettings:
-    steps: int = 50  # DDIM steps for inversion and for sampling
-    guidance: float = 7.5  # ContextDiff's CFG scale; Tune-A-Video used 12.5
-    inversion_prompt: str = "source"  # "empty" is Tune-A-Video's inversion
-    inversion: str = "direct"  # direct: the source reconstructs exactly under guidance (direct inversion)
-    keep_structure: float = 0.4  # first fraction of the steps that take the source's features
-    keep_words: float = 0.8  # first fraction of the steps where shared words take the source's cross-attention
-    blend: str = "auto"  # auto: outside the changed words' region the source stays; off; or words to blend
-    strength: float = 1.0  # fraction of the steps inverted and resampled; lower keeps more of the source
-    realign: str = "off"  # auto: the words the target changes get more attention in their region, early
-    candidates: int = 1  # > 1: that many edits that differ (eta seeds, guidance, structure, context, checkpoint)
-    scorer: str = "attention"  # text alignment of the candidates: attention | caption | clip
-    scorer_model: str | None = None  # captioner (BLIP, or "shapes") or CLIP model, hub id or folder
-    context_scale: float = 1.0  # times the tuned context shift, in inversion and sampling alike
-    overlap: int = 2  # frames shared by neighbouring windows of a clip longer than the tuned window, blended
-    checkpoint: int | None = None  # the parameters after this tuning step (tune --keep-checkpoints); None: the end
-    eta: float = 0.0  # 0: deterministic DDIM; > 0 adds seeded noise
-    seed: int | None = None  # None: the run's tuning seed
+    """Every field declares the first stage it changes: the inverted trajectory (cached in the run), the source pass
+    (corrections, records, word maps; shared by the edits in a row) or only the edit. Cache keys come from that."""
+
+    steps: int = _stage("inversion", 50)  # DDIM steps for inversion and for sampling
+    guidance: float = _stage("source", 7.5)  # ContextDiff's CFG scale; Tune-A-Video used 12.5
+    inversion_prompt: str = _stage("inversion", "source")  # "empty" is Tune-A-Video's inversion
+    inversion: str = _stage("source", "direct")  # direct: the source reconstructs exactly under guidance
+    keep_structure: float = _stage("source", 0.4)  # first fraction of the sampled steps that take the source's features
+    keep_words: float = _stage("source", 0.8)  # ...where shared words take the source's cross-attention
+    blend: str = _stage("source", "auto")  # auto: outside the changed words' region the source stays; off; or words
+    strength: float = _stage("source", 1.0)  # fraction of the steps inverted and resampled; lower keeps more
+    realign: str = _stage("edit", "off")  # auto: the words the target changes get more attention in their region, early
+    candidates: int = _stage("edit", 1)  # > 1: that many edits that differ (eta seeds, guidance, structure, ...)
+    scorer: str = _stage("edit", "attention")  # text alignment of the candidates: attention | caption | clip
+    scorer_model: str | None = _stage("edit")  # captioner (BLIP, or "shapes") or CLIP model, hub id or folder
+    context_scale: float = _stage("inversion", 1.0)  # times the tuned context shift, in inversion and sampling alike
+    overlap: int = _stage("inversion", 2)  # frames shared by neighbouring windows of a clip longer than the window
+    checkpoint: int | None = _stage("inversion")  # the parameters after this tuning step (tune --keep-checkpoints)
+    eta: float = _stage("edit", 0.0)  # 0: deterministic DDIM; > 0 adds seeded noise
+    seed: int | None = _stage("edit")  # None: the run's tuning seed
 
     def __post_init__(self) -> None:
         _choice("--inversion-prompt", self.inversion_prompt, INVERSION_PROMPTS)
@@ -195,6 +209,11 @@ class EditSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def depending(self, stage: str) -> tuple[tuple[str, object], ...]:
+        """(name, value) of every setting that `stage` depends on: those of its own stage and the stages before."""
+        before = STAGES[: STAGES.index(stage) + 1]
+        return tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.metadata["stage"] in before)
 
 
 @dataclass(frozen=True)

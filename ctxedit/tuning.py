@@ -30,6 +30,7 @@ from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_
 from ctxedit.models.trained import build, load_trained_state, save_trained, trained_state
 from ctxedit.runs import Progress, ProgressEvent, Run, recorded_model, versions
 from ctxedit.settings import TuneSettings
+from ctxedit.windows import random_window
 
 ENCODE_CHUNK = 16  # frames read and encoded at a time: memory does not grow with the clip
 
@@ -71,12 +72,6 @@ def interrupts_between_steps() -> Iterator[Callable[[], bool]]:
         yield requested.is_set
     finally:  # `previous` is None where a non-Python handler was installed; Python's default is then the best guess
         signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
-
-
-def with_anchor(first: int, size: int) -> list[int]:
-    """The frames of a window of `size` from frame `first`, after the clip's anchor frame 0 unless it starts there:
-    every frame's sparse-causal attention sees the anchor, so all windows of a clip share one appearance."""
-    return list(range(first, first + size)) if first == 0 else [0, *range(first, first + size)]
 
 
 def training_loss(
@@ -162,10 +157,7 @@ def tune(
     try:
         with interrupts_between_steps() as interrupted:
             for step in range(len(losses), settings.steps):
-                seen = x0
-                if frames > window:  # a window from anywhere in the clip, drawn like the rest (resumes exactly)
-                    first = torch.randint(0, frames - window + 1, (1,), generator=generator, device=generator.device)
-                    seen = x0[:, with_anchor(int(first), window)]
+                seen = x0[:, random_window(frames, window, generator)] if frames > window else x0
                 loss = training_loss(model, adapter, seen, text, sd, shift, generator)
                 if not math.isfinite(loss.item()):
                     return TuneLog(losses, stopped_early=f"the loss became {loss.item()} at step {step + 1}")
@@ -209,7 +201,7 @@ def _check_run_state(run: Run, settings: TuneSettings, resume: bool, overwrite: 
         if not run.checkpoint_path.exists():
             raise RunError(f"nothing to resume in {run.root}: no checkpoint (tuning finished or never started)")
         record = run.read_record()
-        differences = settings.differences(record["settings"])
+        differences = settings.differences(record)
         if differences:
             raise RunError(f"--resume needs the interrupted run's settings; these differ: {'; '.join(differences)}")
         return record

@@ -106,24 +106,29 @@ def _open(path: Path):
     return container, stream
 
 
-def _index(container, stream) -> tuple[list[int | None], list[int], float | None]:
-    """(timestamps in presentation order, positions of keyframes among them, duration of the last frame in
-    seconds), from the packets alone: nothing is decoded, a few numbers are kept per frame."""
+def _index(container, stream) -> tuple[list[int | None], list[int], float | None, int]:
+    """(timestamps of the shown frames in presentation order, positions among them that decoding can start from,
+    duration of the last frame in seconds, packets hidden), from the packets alone: nothing is decoded, a few
+    numbers are kept per frame. An edit list (a trimmed MP4) hides the packets before its start: the decoder needs
+    them from the keyframe before it, then drops their frames. They are counted, not indexed; a seek to the first
+    shown frame lands on that keyframe, so decoding can always start there."""
     import av
 
-    packets = []
+    packets, hidden = [], 0
     try:
         for packet in container.demux(stream):
-            if packet.size:
+            if packet.size and packet.is_discard:
+                hidden += 1
+            elif packet.size:
                 pts = packet.pts if packet.pts is not None else packet.dts
                 packets.append((pts, packet.is_keyframe, packet.duration))
     except av.FFmpegError:
         pass  # damaged or truncated: what came before still counts, and `probe` judges whether it is enough
     if any(pts is None for pts, _, _ in packets):
-        return [None] * len(packets), [0], None
+        return [None] * len(packets), [0], None, hidden
     packets.sort(key=lambda p: p[0])  # decoding order -> presentation order
     last = packets[-1][2] * stream.time_base if packets and packets[-1][2] else None
-    return [p[0] for p in packets], [i for i, p in enumerate(packets) if p[1]] or [0], last
+    return [p[0] for p in packets], [0, *(i for i, p in enumerate(packets) if p[1] and i)], last, hidden
 
 
 def _first_frame(path: Path):
@@ -146,9 +151,9 @@ def probe(path: Path) -> VideoInfo:
     container, stream = _open(path)
     with container:
         has_audio = bool(container.streams.audio)
-        pts, keyframes, last_duration = _index(container, stream)
+        pts, keyframes, last_duration, hidden = _index(container, stream)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        declared = stream.frames  # 0 where the container does not say
+        declared = stream.frames and stream.frames - hidden  # 0 where the container does not say
         duration = (  # the video's own where the container says, else the file's (audio may be longer)
             float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1_000_000
         )

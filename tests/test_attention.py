@@ -13,11 +13,15 @@ from ctxedit.attention import (
     BLEND_DILATION,
     Plan,
     Reweighting,
+    Session,
     WordMaps,
     attention_layers,
+    attention_maps,
     blend_mask,
     layer_scale,
+    source_plan,
     stands_out,
+    step_plan,
     store_bytes,
 )
 from ctxedit.models.inflate import VideoUNet
@@ -54,73 +58,88 @@ def output_of(model: VideoUNet, layer: str, *args) -> torch.Tensor:
     return seen[-1]
 
 
+def run(model: VideoUNet, session: Session | None, *args) -> torch.Tensor:
+    with torch.no_grad(), model.control.applying(session):
+        return model(*args)
+
+
 def test_recording_is_transparent_and_off_is_bit_for_bit(model):
     x, text = inputs()
-    with torch.no_grad():
-        plain = model(x, 500, text)
-        model.control.plan, model.control.recording = full_plan(model, 500), True
-        model.control.word_maps = WordMaps(tuple(attention_layers(model.unet, "attn2")), (16, 16))
-        recorded = model(x, 500, text)
-        model.control.reset()
-        again = model(x, 500, text)
-    assert torch.equal(plain, again)
+    plain = run(model, None, x, 500, text)
+    words = WordMaps(tuple(attention_layers(model.unet, "attn2")), (16, 16))
+    recording = Session(full_plan(model, 500), recording=True, word_maps=words, store_dtype=torch.float32)
+    recorded = run(model, recording, x, 500, text)
+    assert torch.equal(plain, run(model, None, x, 500, text)) and model.control.session is None
     torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)  # maps materialised instead of SDPA
     # A plan for other timesteps changes nothing, bit for bit.
-    model.control.plan = full_plan(model, 999)
-    with torch.no_grad():
-        assert torch.equal(model(x, 500, text), plain)
+    assert torch.equal(run(model, Session(full_plan(model, 999)), x, 500, text), plain)
+
+
+def test_a_session_applies_inside_its_block_only_and_never_twice(model):
+    x, text = inputs()
+    session = Session(full_plan(model, 500), recording=True)
+    with pytest.raises(ValueError), model.control.applying(session):
+        raise ValueError("a failing call")
+    assert model.control.session is None  # off again, whatever happened inside
+    with model.control.applying(session), pytest.raises(RuntimeError, match="already applying"):
+        with model.control.applying(Session()):
+            pass
 
 
 def test_records_have_the_layers_shapes(model):
     x, text = inputs(frames=3, batch=2)
-    control = model.control
-    control.plan, control.recording = full_plan(model, 500), True
-    control.word_maps = WordMaps((CROSS,), (16, 16))
-    with torch.no_grad():
-        model(x, 500, text)
-    store = control.store
+    session = Session(full_plan(model, 500), recording=True, word_maps=WordMaps((CROSS,), (16, 16)))
+    run(model, session, x, 500, text)
+    store = session.store
     assert store[(500, FEATURE)].shape == (6, 32, 16, 16)  # (b*f, channels, h, w): up_blocks.1 of the tiny UNet
     assert store[(500, SELF + ".q")].shape == store[(500, SELF + ".k")].shape == (6, 256, 32)  # (b*f, hw, c)
     assert store[(500, CROSS)].shape == (3, 8, 256, 77)  # the conditional branch: (f, heads, hw, tokens)
     assert all(t.dtype == torch.float16 for t in store.values())
-    assert control.word_maps.total.shape == (3, 77, 16, 16)  # (f, tokens, h, w)
+    assert session.word_maps.total.shape == (3, 77, 16, 16)  # (f, tokens, h, w)
     assert store_bytes(store) == sum(t.numel() * 2 for t in store.values())
+
+
+def test_recording_goes_on_with_what_it_recorded_so_that_injecting_it_gives_the_same(model):
+    """The source pass sees its features and maps at the store's precision (fp16): an edit that injects them into
+    the same input computes exactly what the source pass did."""
+    x, text = inputs(6)
+    session = Session(full_plan(model, 500), recording=True)
+    recorded = run(model, session, x, 500, text)
+    session.recording, session.token_map = False, torch.arange(77)
+    assert torch.equal(run(model, session, x, 500, text), recorded)
+    full_precision = run(model, Session(full_plan(model, 500), recording=True, store_dtype=torch.float32), x, 500,
+                         text)  # fmt: skip
+    assert not torch.equal(recorded, full_precision)  # fp16 rounding shows: it is what is injected
 
 
 def test_injection_puts_the_source_in_place_of_the_edit(model):
     source, text = inputs(1)
     edit, other_text = inputs(2)
-    control = model.control
-    control.plan, control.recording = full_plan(model, 500), True
-    source_features = output_of(model, FEATURE, source, 500, text)
-    control.recording, control.token_map = False, torch.arange(77)
-    injected = output_of(model, FEATURE, edit, 500, other_text)
+    session = Session(full_plan(model, 500), recording=True)
+    with model.control.applying(session):
+        source_features = output_of(model, FEATURE, source, 500, text)
+    session.recording, session.token_map = False, torch.arange(77)
+    with model.control.applying(session):
+        injected = output_of(model, FEATURE, edit, 500, other_text)
     torch.testing.assert_close(injected, source_features, atol=1e-2, rtol=1e-2)  # kept at fp16
-    with torch.no_grad():
-        with_source = model(edit, 500, other_text)
-        control.reset()
-        own = model(edit, 500, other_text)
-    assert (with_source - own).abs().max() > 1e-3
+    assert (run(model, session, edit, 500, other_text) - run(model, None, edit, 500, other_text)).abs().max() > 1e-3
 
 
 def test_shared_words_take_the_source_maps_and_changed_words_keep_theirs(model):
     x, text = inputs(3, batch=1)
     changed = text.clone()
     changed[:, 5] += 3.0  # token 5 is a different word
-    control = model.control
     layers = tuple(attention_layers(model.unet, "attn2"))
-    control.plan = Plan(cross_attention=layers, word_steps=frozenset({500}))
-    control.recording = True
-    with torch.no_grad():
-        model(x, 500, text)
-    source_maps = control.store[(500, CROSS)].float()
-    control.recording, control.token_map = False, torch.where(torch.arange(77) == 5, -1, torch.arange(77))
-    control.word_maps = WordMaps((CROSS,), (16, 16))
+    session = Session(Plan(cross_attention=layers, word_steps=frozenset({500})), recording=True)
+    run(model, session, x, 500, text)
+    source_maps = session.store[(500, CROSS)].float()
+    session.recording, session.token_map = False, torch.where(torch.arange(77) == 5, -1, torch.arange(77))
+    session.word_maps = WordMaps((CROSS,), (16, 16))
     seen = {}
+    control = model.control
     real = control.cross_attention
     control.cross_attention = lambda layer, maps, frames: seen.setdefault(layer, real(layer, maps, frames))
-    with torch.no_grad():
-        model(x, 500, changed)
+    run(model, session, x, 500, changed)
     used = seen[CROSS]
     torch.testing.assert_close(used[..., :5], source_maps[..., :5], atol=1e-3, rtol=1e-2)
     assert (used[..., 5] - source_maps[..., 5]).abs().max() > 1e-3
@@ -128,13 +147,26 @@ def test_shared_words_take_the_source_maps_and_changed_words_keep_theirs(model):
 
 def test_an_unguided_record_is_injected_into_both_branches(model):
     x, text = inputs(4, batch=1)
-    control = model.control
-    control.plan, control.recording = Plan(features=(FEATURE,), structure_steps=frozenset({500})), True
-    recorded = output_of(model, FEATURE, x, 500, text)
-    control.recording = False
+    session = Session(Plan(features=(FEATURE,), structure_steps=frozenset({500})), recording=True)
+    with model.control.applying(session):
+        recorded = output_of(model, FEATURE, x, 500, text)
+    session.recording = False
     both, texts = inputs(5, batch=2)
-    injected = output_of(model, FEATURE, both, 500, texts)
+    with model.control.applying(session):
+        injected = output_of(model, FEATURE, both, 500, texts)
     torch.testing.assert_close(injected, torch.cat([recorded, recorded]), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_maps_are_float32_under_autocast(dtype):
+    """Autocast would cast the product of queries and keys back to half precision: recording, blending and
+    re-weighting then differ from fp32. The maps stay those of float32 arithmetic on the same inputs."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 64, 32, generator=g).to(dtype) for _ in range(2))
+    with torch.autocast("cpu", dtype=dtype):
+        maps = attention_maps(q, k, heads=4)
+    assert maps.dtype == torch.float32
+    torch.testing.assert_close(maps, attention_maps(q.float(), k.float(), heads=4), atol=1e-6, rtol=1e-5)
 
 
 def test_xformers_is_used_by_every_processor_when_asked(model, monkeypatch):
@@ -182,7 +214,7 @@ def test_reweighting_raises_words_inside_their_region_lowers_them_outside_and_re
     maps = torch.rand(2 * 2, 3, 8 * 8, 6, generator=g).softmax(-1)  # (b*f, heads, n, tokens): 2 frames, guided
     region = torch.zeros(2, 16, 16)
     region[:, :8] = 1  # the top half of the latents
-    reweighting = Reweighting({2: 2.0, 3: 1.0}, region, {500: 1.0, 400: 0.5})
+    reweighting = Reweighting({2: 2.0, 3: 1.0}, torch.stack([region, torch.ones_like(region)]), {500: 1.0, 400: 0.5})
     out = reweighting.apply(maps, frames=2, timestep=500)
     assert torch.equal(out[:2], maps[:2])  # the unconditional branch is untouched
     torch.testing.assert_close(out.sum(-1), torch.ones(4, 3, 64))
@@ -208,20 +240,18 @@ def test_layer_scales_follow_the_unet_levels():
 def test_store_of_sd15_at_512_stays_as_stated():
     """SD 1.5's architecture on the meta device, 8 frames at 512x512, guided, a 20-token source prompt, the
     default settings, 50 steps: the store is 825 MiB in fp16 (as README.md states)."""
-    from ctxedit import editing
     from ctxedit.settings import EditSettings
 
     timesteps = list(range(981, 0, -20))
     with torch.device("meta"):
         model = VideoUNet(UNet2DConditionModel(**SD15_UNET))
-        plan = editing.structure_plan(EditSettings(), timesteps, model.unet, source_tokens=20)
+        plan = source_plan(step_plan(EditSettings()), timesteps, model.unet, source_tokens=20)
         per_step = {}
         for kind, t in (("both", timesteps[0]), ("words only", timesteps[30])):
-            model.control.reset()
-            model.control.plan, model.control.recording = plan, True
-            with torch.no_grad():
+            session = Session(plan, recording=True)
+            with torch.no_grad(), model.control.applying(session):
                 model(torch.randn(2, 8, 4, 64, 64), t, torch.randn(2, 77, 768))
-            per_step[kind] = store_bytes(model.control.store)
+            per_step[kind] = store_bytes(session.store)
     assert (len(plan.structure_steps), len(plan.word_steps)) == (20, 40)
     assert plan.structure_steps < plan.word_steps  # the first steps of both
     total = 20 * per_step["both"] + 20 * per_step["words only"]

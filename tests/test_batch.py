@@ -13,11 +13,13 @@ import pytest
 import yaml
 from conftest import make_video
 from test_cli import ctxedit, fails
+from test_tuning import ctrl_c_during_step
 
-from ctxedit import video
+from ctxedit import settings, tuning, video
 from ctxedit.batch import Share, parse_shard
 from ctxedit.errors import UsageError
 from ctxedit.presets import load_presets
+from ctxedit.runs import Run
 
 TUNE = {"frames": 2, "stride": 3, "size": 32, "steps": 2}
 EDIT = {"steps": 2}
@@ -229,6 +231,27 @@ def test_batch_runs_resumes_isolates_failures_and_writes_outputs(tmp_path, skiin
     assert out["status"] == "failed" and "holds a run with other settings (steps: 2 -> 3)" in out["detail"]
     fails("batch", path, "--only", "nobody", match="--only 'nobody' names no job")
     assert records(tmp_path / "runs")["ski"]["tuning"]["steps_done"] == 2
+
+
+def test_a_preset_that_leaves_the_steps_at_auto_resumes_and_then_skips(tmp_path, skiing, tiny_model, monkeypatch):
+    """Tuning steps left at "auto" (runs record the number it came to): an interrupted job resumes its tuning and a
+    finished one is not done again."""
+    monkeypatch.setattr(settings, "STEPS", 4)  # auto on a clip that fits one window (300 steps would take 30 s)
+    tune = {name: value for name, value in TUNE.items() if name != "steps"}
+    jobs = [job("ski", skiing, "on mars")]
+    path = preset(tmp_path / "auto.yaml", jobs, model=str(tiny_model), tune=tune, edit={"steps": 1})
+    with ctrl_c_during_step(monkeypatch, 2, "forward"):
+        assert ctxedit("batch", path, "--device", "cpu").exit_code == 130
+    run = Run(tmp_path / "runs/auto/ski")
+    assert run.checkpoint_path.exists() and run.read_record()["settings"]["steps"] == 4
+
+    real_loss, steps_run = tuning.training_loss, []
+    monkeypatch.setattr(tuning, "training_loss", lambda *args: steps_run.append(1) or real_loss(*args))
+    resumed = json.loads(ctxedit("batch", path, "--device", "cpu", "--json").stdout)["jobs"][0]
+    assert (resumed["status"], resumed["detail"], len(steps_run)) == ("done", "resumed tuning, 1 edit", 2)
+    assert run.read_record()["tuning"]["steps_done"] == 4 and not run.checkpoint_path.exists()
+    again = json.loads(ctxedit("batch", path, "--device", "cpu", "--json").stdout)["jobs"][0]
+    assert (again["status"], again["detail"], len(steps_run)) == ("skipped", "already done", 2)
 
 
 def test_bad_places_to_write(tmp_path, skiing, tiny_model, monkeypatch):

@@ -124,7 +124,7 @@ def test_round_trip_is_exact_with_a_real_adapter_whose_context_follows_x0_hat(ki
     assert (back - x0).abs().max() < 2e-5
 
 
-def test_reconstruction_corrections_make_any_model_reproduce_the_trajectory():
+def test_reconstruction_landings_make_any_model_reproduce_the_trajectory():
     """Direct inversion: a model that cannot invert exactly (it depends on x, and is guided) is pulled back
     onto the source trajectory at every step, and from a later start too (partial inversion)."""
     scheduler, shift, adapter = sd_scheduler(), ShiftSchedule("quadratic"), random_adapter(1)
@@ -135,25 +135,26 @@ def test_reconstruction_corrections_make_any_model_reproduce_the_trajectory():
     guided = lambda x, t: eps + 7.5 * torch.tanh(x)  # noqa: E731
     trajectory = diffusion.invert(source, x0, inverse_of(scheduler), r, shift)
     for start in (0, 4):
-        corrections = diffusion.reconstruction_corrections(guided, trajectory, scheduler, context_of, x0, shift, start)
-        assert corrections.shape == (10 - start, *x0.shape) and corrections.abs().max() > 0.1
+        landings = diffusion.reconstruction_landings(guided, trajectory, scheduler, context_of, x0, shift, start)
+        assert landings.shape == (10 - start, *x0.shape)
+        assert (landings - trajectory[start + 1 :]).abs().max() > 0.1  # the guided model steps off the trajectory
         visited = []
 
-        def guide(step, y, corrections=corrections, start=start, visited=visited):
+        def guide(step, y, landings=landings, start=start, visited=visited):
             visited.append(step)
-            return y + corrections[step - start]
+            return diffusion.corrected(y, landings[step - start], trajectory[step + 1])
 
         back = diffusion.sample(guided, trajectory[start], scheduler, context_of, x0, shift, start=start, guide=guide)
         assert visited == list(range(start, 10))
-        assert (back - x0).abs().max() < 1e-5
+        assert torch.equal(back, x0)  # bit for bit: each corrected step lands exactly on the trajectory
     unguided = diffusion.sample(guided, trajectory[0], scheduler, context_of, x0, shift)
     assert (unguided - x0).abs().max() > 0.1
 
 
 def test_loops_keep_their_steps_on_disk_bit_for_bit(tmp_path):
-    """A long clip's trajectory and corrections go to memory-mapped files (`editing.SpilledSteps`): the loops
+    """A long clip's trajectory and landings go to memory-mapped files (`windows.SpilledSteps`): the loops
     write and read them there with exactly the numbers they keep in memory, and a reopened file gives them back."""
-    from ctxedit.editing import SpilledSteps
+    from ctxedit.windows import SpilledSteps
 
     scheduler, shift, adapter = sd_scheduler(), ShiftSchedule("quadratic"), random_adapter(2)
     x0, eps, r = tensors(7)
@@ -167,11 +168,11 @@ def test_loops_keep_their_steps_on_disk_bit_for_bit(tmp_path):
     assert len(reopened) == 11 and all(torch.equal(in_memory[i], reopened[i]) for i in range(11))
     assert not torch.equal(reopened[0], reopened[10]) and torch.equal(reopened[10], x0)
     guided = lambda x, t: model(x, t) + 3.0 * torch.tanh(2 * x)  # noqa: E731
-    kept = diffusion.reconstruction_corrections(guided, in_memory, scheduler, context_of, x0, shift, 4)
-    out = SpilledSteps.create(tmp_path / "corrections.npy", 6, x0)
-    spilled = diffusion.reconstruction_corrections(guided, on_disk, scheduler, context_of, x0, shift, 4, out=out)
+    kept = diffusion.reconstruction_landings(guided, in_memory, scheduler, context_of, x0, shift, 4)
+    out = SpilledSteps.create(tmp_path / "landings.npy", 6, x0)
+    spilled = diffusion.reconstruction_landings(guided, on_disk, scheduler, context_of, x0, shift, 4, out=out)
     assert len(spilled) == 6 and all(torch.equal(kept[i], spilled[i]) for i in range(6))
-    assert kept.abs().max() > 0.1
+    assert (kept - in_memory[5:]).abs().max() > 0.1
 
 
 def test_context_changes_the_trajectory_and_eta_noise_is_seeded():

@@ -1,32 +1,36 @@
 """Editing with structure kept: plain settings are the plain sampler bit for bit, direct inversion reconstructs
 exactly under guidance, partial inversion starts later, blending masks find the edited object."""
 
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ctxedit import diffusion, editing
-from ctxedit.attention import blend_mask, stands_out
+from ctxedit import diffusion, editing, realign
+from ctxedit.attention import blend_mask, stands_out, step_plan
 from ctxedit.runs import Run
 from ctxedit.settings import EditSettings, TuneSettings
 from ctxedit.toy.demo import CLIP, TOY_MODEL
+from ctxedit.tuned import Tuned, load_tuned
 from ctxedit.tuning import tune_video
+from ctxedit.windows import SpilledSteps, Windows
 
 PLAIN = dict(inversion="plain", keep_structure=0.0, keep_words=0.0, blend="off")
 PROMPT = "a man is skiing"
 
 
 @pytest.fixture(scope="module")
-def tuned(skiing, tiny_model, tmp_path_factory) -> editing.Tuned:
+def tuned(skiing, tiny_model, tmp_path_factory) -> Tuned:
     run = Run(tmp_path_factory.mktemp("runs") / "ski")
     settings = TuneSettings(prompt=PROMPT, frames=3, stride=4, size=32, steps=3, adapter_lr=1e-2)
     tune_video(skiing, settings, run, str(tiny_model), device="cpu")
-    return editing.load_tuned(run, device="cpu")
+    return load_tuned(run, device="cpu")
 
 
-def plain_sample(tuned: editing.Tuned, settings: EditSettings, target: str, guide=None) -> torch.Tensor:
+def plain_sample(tuned: Tuned, settings: EditSettings, target: str, guide=None) -> torch.Tensor:
     """What the sampler gives without anything from the source but its inverted latents."""
     from diffusers import DDIMScheduler
 
@@ -45,28 +49,28 @@ def plain_sample(tuned: editing.Tuned, settings: EditSettings, target: str, guid
 def test_nothing_kept_from_the_source_is_the_plain_sampler_bit_for_bit(tuned):
     settings = EditSettings(steps=4, **PLAIN)
     source = editing.source_pass(tuned, settings)
-    assert source.corrections is None and source.store == {} and source.word_maps is None
+    assert source.landings is None and source.store == {} and source.word_maps is None
     target = "a man is skiing on the moon"
     assert torch.equal(editing.edit_latents(tuned, source, target, settings), plain_sample(tuned, settings, target))
     # Injection at fraction 0 and blending off add nothing to direct inversion's corrections, bit for bit.
     direct = EditSettings(steps=4, **(PLAIN | {"inversion": "direct"}))
     source = editing.source_pass(tuned, direct)
-    assert source.store == {} and source.corrections.shape[0] == 4
-    expected = plain_sample(tuned, direct, target, guide=lambda step, y: y + source.corrections[step])
+    assert source.store == {} and source.landings.shape[0] == 4
+    landings, trajectory = source.landings, source.trajectory
+    corrected = lambda step, y: diffusion.corrected(y, landings[step], trajectory[step + 1])  # noqa: E731
+    expected = plain_sample(tuned, direct, target, guide=corrected)
     assert torch.equal(editing.edit_latents(tuned, source, target, direct), expected)
 
 
 def test_direct_inversion_reconstructs_the_source_exactly_under_guidance(tuned):
-    """Target = source prompt, the context following x0_hat as always; exact up to the store's precision."""
-    tuned.model.control.store_dtype = torch.float32  # fp16 records (the default) cost ~1e-2 here
-    try:
-        errors = {}
-        for inversion in ("direct", "plain"):
-            settings = EditSettings(steps=5, guidance=7.5, inversion=inversion)
-            edited = editing.edit_latents(tuned, editing.source_pass(tuned, settings), PROMPT, settings)
-            errors[inversion] = (edited - tuned.x0).abs().max()
-    finally:
-        tuned.model.control.store_dtype = torch.float16
+    """Target = source prompt, the context following x0_hat as always, the default store (fp16 records, which the
+    source pass goes on with as recorded): exact."""
+    errors = {}
+    for inversion in ("direct", "plain"):
+        settings = EditSettings(steps=5, guidance=7.5, inversion=inversion)
+        source = editing.source_pass(tuned, settings)
+        assert source.store and all(t.dtype == torch.float16 for t in source.store.values())
+        errors[inversion] = (editing.edit_latents(tuned, source, PROMPT, settings) - tuned.x0).abs().max()
     assert errors["direct"] < 1e-4 and errors["plain"] > 1e-2
 
 
@@ -78,6 +82,21 @@ def test_every_structure_setting_changes_the_edit(tuned):
         settings = EditSettings(**(base.to_dict() | change))
         source = editing.source_pass(tuned, settings)
         assert not torch.equal(editing.edit_latents(tuned, source, target, settings), reference), change
+
+
+def test_strength_keep_structure_keep_words_and_the_fade_count_on_one_clock(tuned):
+    """Fractions of the sampled steps: --strength 0.6 keeps --keep-structure and --keep-words as they are."""
+    steps = step_plan(EditSettings(steps=10, strength=0.6, keep_structure=0.5, keep_words=1.0))
+    assert (steps.first, steps.structure, steps.words) == (4, range(4, 7), range(4, 10))
+    assert steps.reweighting == pytest.approx((1, 2 / 3, 1 / 3, 0, 0, 0))  # from the first sampled step to halfway
+    settings = EditSettings(steps=10, strength=0.6, **(PLAIN | {"keep_structure": 0.4}))
+    source = editing.source_pass(tuned, settings)
+    sampled = editing.schedulers(tuned, 10)[0].timesteps.tolist()[4:]
+    assert source.plan.structure_steps == set(sampled[:2]) and {t for t, _ in source.store} == set(sampled[:2])
+    unkept = replace(settings, keep_structure=0.0)
+    target = "a man is skiing on the moon"
+    edited = editing.edit_latents(tuned, source, target, settings)
+    assert not torch.equal(edited, editing.edit_latents(tuned, editing.source_pass(tuned, unkept), target, unkept))
 
 
 def test_partial_inversion_starts_later_and_keeps_more_of_the_source(tuned):
@@ -95,36 +114,62 @@ def test_partial_inversion_starts_later_and_keeps_more_of_the_source(tuned):
     assert distances[1] < distances[0]
 
 
-def test_blending_masks_cover_the_edited_object_on_a_shapes_clip(tmp_path):
-    """The bundled model, untuned: the changed words' region from the source pass covers the square."""
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> tuple[Tuned, np.ndarray]:
+    """The bundled model, barely tuned, on the demo's clip; with the objects' masks (f, objects, h, w)."""
     from ctxedit import video
 
-    source_video = tmp_path / "clip.mp4"
+    folder = tmp_path_factory.mktemp("shapes")
     frames, masks = CLIP.render()
-    video.write_video(frames, source_video, 8.0)
-    run = Run(tmp_path / "run")
-    tune_video(source_video, TuneSettings(prompt=CLIP.caption, frames=8, stride=1, size=64, steps=1), run,
+    video.write_video(frames, folder / "clip.mp4", 8.0)
+    run = Run(folder / "run")
+    tune_video(folder / "clip.mp4", TuneSettings(prompt=CLIP.caption, frames=8, stride=1, size=64, steps=1), run,
                str(TOY_MODEL), device="cpu")  # fmt: skip
-    tuned = editing.load_tuned(run, device="cpu")
+    return load_tuned(run, device="cpu"), masks
+
+
+def latent_masks(masks: np.ndarray, index: int) -> torch.Tensor:
+    return F.avg_pool2d(torch.tensor(masks[:, index]).float(), 4) > 0.5  # (f, 16, 16)
+
+
+def test_blending_masks_cover_the_edited_object_on_a_shapes_clip(shapes):
+    """The changed words' region from the source pass covers the square."""
+    tuned, masks = shapes
     settings = EditSettings(steps=10, guidance=5.0)
     source = editing.source_pass(tuned, settings)
     target = CLIP.edited(1, colour="yellow").caption  # the blue square turns yellow
-    words = editing._blend_tokens(tuned.sd.tokenizer, CLIP.caption, target, settings)
+    words = editing.target_for(tuned, target, settings).blend
     maps = source.word_maps.of(words[0])
     assert stands_out(maps)  # the source pass localises the square: blending applies
     mask = blend_mask(maps) > 0  # (f, 16, 16) latents
-    square = F.avg_pool2d(torch.tensor(masks[:, 1]).float(), 4) > 0.5  # (f, 16, 16)
-    circle = F.avg_pool2d(torch.tensor(masks[:, 0]).float(), 4) > 0.5
+    square, circle = latent_masks(masks, 1), latent_masks(masks, 0)
     assert (mask & square).sum() / square.sum() > 0.9
     assert (mask & circle).sum() / circle.sum() < 0.2 and mask.float().mean() < 0.5
 
 
+def test_a_weight_on_a_word_the_target_keeps_applies_in_that_words_region(shapes):
+    """ "a (red:2) circle ... a yellow square": red is raised on its circle (its phrase's region in the source, not
+    over the square, the changed words' region), the changed words' own weights (--realign auto) stay in theirs."""
+    tuned, masks = shapes
+    settings = EditSettings(steps=10, guidance=5.0, realign="auto")
+    source = editing.source_pass(tuned, settings)
+    target = editing.target_for(tuned, CLIP.edited(1, colour="yellow").caption.replace("red", "(red:2)"), settings)
+    changed_region = blend_mask(source.word_maps.of(target.blend[0]))
+    reweighting = editing.reweighting(target, settings, source, changed_region, {981: 1.0})
+    red, yellow = 2, 8  # token positions: "a red circle moving right and a yellow square ..."
+    assert reweighting.weights[red] == 2 and reweighting.weights[yellow] == realign.REALIGN_WEIGHT
+    regions = dict(zip(reweighting.weights, reweighting.regions > 0, strict=True))
+    circle, square = latent_masks(masks, 0), latent_masks(masks, 1)
+    assert (regions[red] & circle).sum() / circle.sum() > 0.9 and (regions[red] & square).sum() / square.sum() < 0.2
+    assert torch.equal(regions[yellow], changed_region > 0)
+
+
 def test_windows_cover_the_clip_after_its_anchor_and_blend_across_seams():
-    windows = editing.Windows(frames=23, size=6, overlap=2)
+    windows = Windows(frames=23, size=6, overlap=2)
     sequences = windows.sequences
     assert [s[-6] for s in sequences] == [0, 4, 8, 12, 16, 17]  # every 4 frames, the last one ending with the clip
     assert sequences[0] == list(range(6)) and all(s[0] == 0 and len(s) == 7 for s in sequences[1:])  # the anchor
-    assert editing.Windows(frames=5, size=6, overlap=2).sequences == [list(range(5))]  # shorter than a window
+    assert Windows(frames=5, size=6, overlap=2).sequences == [list(range(5))]  # shorter than a window
     x = torch.randn(1, 23, 4, 2, 2)
     assert torch.allclose(windows.blend(lambda _, frames: x[:, frames], x), x, atol=1e-6)
     constant = windows.blend(lambda k, frames: torch.full_like(x[:, frames], float(k)), x)[0, :, 0, 0, 0]
@@ -133,37 +178,32 @@ def test_windows_cover_the_clip_after_its_anchor_and_blend_across_seams():
 
 
 @pytest.fixture(scope="module")
-def long_clip(skiing, tiny_model, tmp_path_factory) -> editing.Tuned:
+def long_clip(skiing, tiny_model, tmp_path_factory) -> Tuned:
     """The whole clip at stride 4 (23 frames), tuned and edited in windows of 6."""
     run = Run(tmp_path_factory.mktemp("runs") / "long")
     settings = TuneSettings(prompt=PROMPT, frames="all", stride=4, size=32, steps=3, adapter_lr=1e-2, window=6)
     tune_video(skiing, settings, run, str(tiny_model), device="cpu")
-    return editing.load_tuned(run, device="cpu")
+    return load_tuned(run, device="cpu")
 
 
 def test_a_long_clip_is_edited_in_windows_and_reconstructs_exactly(long_clip):
     """Direct inversion with the source prompt gives the source back, window by window: each window injects its own
     records (from disk) and takes its corrections; any mix-up would show."""
-    assert long_clip.x0.shape[1] == 23 and len(editing.windows_of(long_clip, EditSettings()).sequences) == 6
-    long_clip.model.control.store_dtype = torch.float32
-    events = []
-    try:
-        errors = {}
-        for inversion in ("direct", "plain"):
-            settings = EditSettings(steps=5, guidance=7.5, inversion=inversion)
-            source = editing.source_pass(long_clip, settings)
-            folder = Path(source.records.folder.name)
-            assert len(list(folder.glob("*.safetensors"))) == 6 * 4  # windows x steps with records
-            assert isinstance(source.trajectory, editing.SpilledSteps)  # on disk, the run's inversion cache
-            assert [p.suffix for p in long_clip.run.root.glob("inversions/*")] == [".npy"]
-            assert source.cached == (inversion == "plain")
-            if inversion == "direct":
-                assert isinstance(source.corrections, editing.SpilledSteps) and len(source.corrections) == 5
-                assert (folder / "corrections.npy").exists()
-            edited = editing.edit_latents(long_clip, source, PROMPT, settings, events.append)
-            errors[inversion] = (edited - long_clip.x0).abs().max()
-    finally:
-        long_clip.model.control.store_dtype = torch.float16
+    assert long_clip.x0.shape[1] == 23 and len(long_clip.windows(EditSettings().overlap).sequences) == 6
+    events, errors = [], {}
+    for inversion in ("direct", "plain"):
+        settings = EditSettings(steps=5, guidance=7.5, inversion=inversion)
+        source = editing.source_pass(long_clip, settings)
+        folder = Path(source.records.folder.name)
+        assert len(list(folder.glob("*.safetensors"))) == 6 * 4  # windows x steps with records
+        assert isinstance(source.trajectory, SpilledSteps)  # on disk, the run's inversion cache
+        assert [p.suffix for p in long_clip.run.root.glob("inversions/*")] == [".npy"]
+        assert source.cached == (inversion == "plain")
+        if inversion == "direct":
+            assert isinstance(source.landings, SpilledSteps) and len(source.landings) == 5
+            assert (folder / "landings.npy").exists()
+        edited = editing.edit_latents(long_clip, source, PROMPT, settings, events.append)
+        errors[inversion] = (edited - long_clip.x0).abs().max()
     assert errors["direct"] < 1e-4 and errors["plain"] > 1e-2
     edit_events = [(e.done, e.total) for e in events if e.stage == "edit"]
     assert edit_events[-1] == (5 * 6, 5 * 6)  # progress counts windows of every step
@@ -190,3 +230,31 @@ def test_a_long_clip_without_room_on_disk_is_refused_before_the_work(long_clip, 
             monkeypatch.undo()
             editing.invert_source(long_clip, settings)
     assert not list(long_clip.run.root.glob(".records*"))
+
+
+OTHER_VALUES = {  # a valid value other than the default, for every edit setting
+    "steps": {"steps": 7}, "guidance": {"guidance": 3.0}, "inversion_prompt": {"inversion_prompt": "empty"},
+    "inversion": {"inversion": "plain"}, "keep_structure": {"keep_structure": 0.1}, "keep_words": {"keep_words": 0.1},
+    "blend": {"blend": "off"}, "strength": {"strength": 0.5}, "realign": {"realign": "auto"},
+    "candidates": {"candidates": 2}, "scorer": {"scorer": "clip", "scorer_model": "m"},
+    "scorer_model": {"scorer_model": "m"}, "context_scale": {"context_scale": 0.5}, "overlap": {"overlap": 1},
+    "checkpoint": {"checkpoint": 2}, "eta": {"eta": 0.3}, "seed": {"seed": 5},
+}  # fmt: skip
+
+
+def test_cache_keys_come_from_each_settings_declared_stage(tuned):
+    """A setting declares the first stage it changes; the inverted trajectory's key and the source pass's key take
+    exactly the settings of their stage and the ones before, so a new setting cannot be left out of them."""
+    from dataclasses import fields
+
+    assert set(OTHER_VALUES) == {f.name for f in fields(EditSettings)}
+    base = EditSettings()
+    for name, change in OTHER_VALUES.items():
+        stage = EditSettings.__dataclass_fields__[name].metadata["stage"]
+        other = replace(base, **change)
+        assert (other.depending("inversion") != base.depending("inversion")) == (stage == "inversion"), name
+        assert (other.depending("source") != base.depending("source")) == (stage in ("inversion", "source")), name
+        if stage != "inversion" or name == "checkpoint":  # a checkpoint that this run did not keep has no key
+            continue
+        assert editing.inversion_key(tuned, other) != editing.inversion_key(tuned, base), name
+    assert editing.inversion_key(tuned, replace(base, guidance=3.0, eta=0.5)) == editing.inversion_key(tuned, base)

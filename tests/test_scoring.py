@@ -10,6 +10,7 @@ from ctxedit import realign, scoring
 from ctxedit.errors import ModelError
 from ctxedit.models.sd import load_sd
 from ctxedit.models.synthetic import write_tiny_blip, write_tiny_clip
+from ctxedit.prompts import parse_target
 from ctxedit.scoring import Scores
 from ctxedit.settings import EditSettings
 from ctxedit.toy.demo import TOY_MODEL
@@ -45,11 +46,10 @@ def test_consistency_and_preservation_follow_what_they_name(source):
 def test_caption_reward_prefers_the_target_the_captions_say(source):
     sd = load_sd(str(TOY_MODEL), torch.device("cpu"), torch.float32)
     reward = scoring.caption_reward(lambda frames: [caption(f) for f in frames], scoring.text_embedder(sd))
-    right = reward(source, "a red circle moving right and a blue square moving up on a gray background")
-    wrong = reward(source, "a green triangle moving right and a blue square moving up on a gray background")
-    assert right > wrong and right == reward(
-        source, "a red circle moving right and a blue square moving up on a gray background"
-    )
+    said = "a red circle moving right and a blue square moving up on a gray background"
+    right = reward(source, parse_target(sd.tokenizer, said, said))
+    wrong = reward(source, parse_target(sd.tokenizer, said, said.replace("red circle", "green triangle")))
+    assert right > wrong and right == reward(source, parse_target(sd.tokenizer, said, said))
 
 
 def test_tiny_blip_and_clip_load_and_score_deterministically(tiny_model, source, tmp_path):
@@ -71,14 +71,21 @@ def test_tiny_blip_and_clip_load_and_score_deterministically(tiny_model, source,
 
 def test_attention_mass_is_a_share_of_the_words(tiny_model, source):
     from ctxedit.models.inflate import VideoUNet
+    from ctxedit.windows import Windows
 
     sd = load_sd(str(tiny_model), torch.device("cpu"), torch.float32)
     model = VideoUNet(sd.unet)
     frames = source[:3, :32, :32]
-    mass = scoring.attention_mass(sd, model, frames, "a green circle", [3, 4, 5, 6, 7])
-    assert 0 < mass < 1 and mass == scoring.attention_mass(sd, model, frames, "a green circle", [3, 4, 5, 6, 7])
-    assert scoring.attention_mass(sd, model, frames, "a green circle", []) == 0
-    assert model.control.word_maps is None  # the UNet is left as it was
+    target = parse_target(sd.tokenizer, "a red square", "a green circle")
+    assert target.changed  # the tiny tokenizer splits words into pieces
+    mass = scoring.attention_mass(sd, model, frames, target)
+    assert 0 < mass < 1 and mass == scoring.attention_mass(sd, model, frames, target)
+    assert scoring.attention_mass(sd, model, frames, parse_target(sd.tokenizer, "a red square", "a red square")) == 0
+    assert model.control.session is None  # the UNet is left as it was
+    # A clip longer than the model's window is run a window at a time (after its anchor frame); one that fits as is.
+    assert scoring.attention_mass(sd, model, frames, target, Windows(3, 3, 0)) == mass
+    windowed = scoring.attention_mass(sd, model, frames, target, Windows(3, 2, 0))
+    assert 0 < windowed < 1 and windowed != mass
 
 
 def test_ranks_are_fused_and_candidates_differ():
@@ -98,3 +105,13 @@ def test_ranks_are_fused_and_candidates_differ():
     assert [o.checkpoint for o in from_kept][4:] == [200, None, 200, 200, 200, 200, 100]  # the user's, then others
     plain = realign.candidate_settings(settings, 8, 33, context=False)  # no adapter: the context scale stays
     assert len(set(plain)) == 8 and {o.context_scale for o in plain} == {1.0}
+
+
+@pytest.mark.parametrize("change", [{}, {"keep_structure": 0.0}, {"context_scale": 0.0}, {"steps": 4, "strength": 0.5}])
+def test_every_candidate_acts_differently(change):
+    """No two of 32 candidates act alike, whatever the user's settings (a keep-structure 0 varied down, a context
+    scale 0 scaled, fractions of few steps that come to the same steps, a seed without eta are alike)."""
+    settings = EditSettings(candidates=32, **change)
+    options = realign.candidate_settings(settings, 32, seed=33, kept=[100, 200])
+    assert len(options) == 32 and len({realign.behaviour(o) for o in options}) == 32
+    assert options[0] == replace(settings, candidates=1) and all(o.candidates == 1 for o in options)

@@ -21,6 +21,7 @@ from ctxedit.models.adapter import AdapterConfig, ContextAdapter
 from ctxedit.models.sd import load_sd
 from ctxedit.runs import Run
 from ctxedit.settings import EditSettings, TuneSettings
+from ctxedit.tuned import Tuned, load_tuned
 
 SMALL = dict(prompt="a man is skiing", frames=3, stride=4, size=32, steps=2)
 EDIT = EditSettings(steps=3, guidance=5.0)
@@ -33,7 +34,7 @@ def tune(video, model, root, **overrides) -> Run:
 
 
 def edit(run: Run, settings: EditSettings = EDIT, target: str = "a man is skiing on the moon"):
-    tuned = editing.load_tuned(run, device="cpu")
+    tuned = load_tuned(run, device="cpu")
     source = editing.source_pass(tuned, settings)
     return source.trajectory, editing.edit_latents(tuned, source, target, settings)
 
@@ -68,24 +69,24 @@ def test_a_trained_adapter_changes_the_edit(skiing, tiny_model, tmp_path):
 
 def test_edit_after_reload_equals_edit_in_memory(skiing, tiny_model, tmp_path):
     run = tune(skiing, tiny_model, tmp_path / "run", adapter_lr=1e-2)
-    tuned = editing.load_tuned(run, device="cpu")
+    tuned = load_tuned(run, device="cpu")
     # Push the in-memory model away from the file, then check that a reload restores it exactly.
     with torch.no_grad():
         for p in tuned.model.trainable_parameters().values():
             p.add_(0.01)
-    source = editing.source_pass(editing.load_tuned(run, device="cpu"), EDIT)
+    source = editing.source_pass(load_tuned(run, device="cpu"), EDIT)
     changed = editing.edit_latents(tuned, source, "spider man", EDIT)
     from ctxedit.models.trained import load_trained
 
     load_trained(run.tuned_path, tuned.model, tuned.adapter)
     restored = editing.edit_latents(tuned, source, "spider man", EDIT)
-    fresh = editing.edit_latents(editing.load_tuned(run, device="cpu"), source, "spider man", EDIT)
+    fresh = editing.edit_latents(load_tuned(run, device="cpu"), source, "spider man", EDIT)
     assert torch.equal(restored, fresh) and not torch.equal(changed, fresh)
 
 
 def test_weight_one_is_bit_for_bit_and_realign_changes_the_edit(skiing, tiny_model, tmp_path):
     run = tune(skiing, tiny_model, tmp_path / "run")
-    tuned = editing.load_tuned(run, device="cpu")
+    tuned = load_tuned(run, device="cpu")
     source = editing.source_pass(tuned, EDIT)
     plain = editing.edit_latents(tuned, source, "a man is skiing on the moon", EDIT)
     assert torch.equal(plain, editing.edit_latents(tuned, source, "a man is skiing on the (moon:1.0)", EDIT))
@@ -102,7 +103,7 @@ def test_a_kept_checkpoint_is_a_shorter_run_and_edits_as_it(skiing, tiny_model, 
     assert kept.kept_steps() == [2] and short.kept_steps() == []
     at_two, after_two = load_file(str(kept.weights_path(2))), load_file(str(short.tuned_path))
     assert at_two.keys() == after_two.keys() and all(torch.equal(at_two[k], after_two[k]) for k in at_two)
-    tuned = editing.load_tuned(kept, device="cpu")
+    tuned = load_tuned(kept, device="cpu")
     earlier = replace(EDIT, checkpoint=2)
     source = editing.source_pass(tuned, earlier)
     assert torch.equal(source.trajectory, edit(short)[0])
@@ -115,15 +116,15 @@ def test_a_kept_checkpoint_is_a_shorter_run_and_edits_as_it(skiing, tiny_model, 
 
 def test_context_scale_scales_the_shift_of_inversion_and_sampling(skiing, tiny_model, tmp_path):
     run = tune(skiing, tiny_model, tmp_path / "run", adapter_lr=1e-2, steps=3)
-    tuned = editing.load_tuned(run, device="cpu")
-    assert editing.shift_of(tuned, replace(EDIT, context_scale=0.5)).scale == tuned.shift.scale * 0.5
+    tuned = load_tuned(run, device="cpu")
+    assert tuned.shift_for(replace(EDIT, context_scale=0.5)).scale == tuned.shift.scale * 0.5
     _, plain = edit(run)
     halved, off = (edit(run, replace(EDIT, context_scale=scale))[1] for scale in (0.5, 0.0))
     assert not torch.equal(plain, halved) and not torch.equal(halved, off)
     assert torch.equal(off, editing.edit_latents(*_no_shift(tuned), "a man is skiing on the moon", EDIT))
 
 
-def _no_shift(tuned: editing.Tuned) -> tuple[editing.Tuned, editing.SourcePass]:
+def _no_shift(tuned: Tuned) -> tuple[Tuned, editing.SourcePass]:
     """The run with its context shift switched off in the schedule (scale 0), and its source pass."""
     unshifted = replace(tuned, shift=replace(tuned.shift, scale=0.0))
     return unshifted, editing.source_pass(unshifted, EDIT)
@@ -135,16 +136,16 @@ def test_trained_parameters_load_strictly(skiing, tiny_model, tmp_path):
     state["unet.extra.weight"] = torch.zeros(1)
     save_file(state, str(run.tuned_path))
     with pytest.raises(RunError, match="1 unexpected"):
-        editing.load_tuned(run, device="cpu")
+        load_tuned(run, device="cpu")
     del state["unet.extra.weight"], state[next(k for k in state if "attn_temp" in k)]
     save_file(state, str(run.tuned_path))
     with pytest.raises(RunError, match="1 missing"):
-        editing.load_tuned(run, device="cpu")
+        load_tuned(run, device="cpu")
 
 
 def test_inversion_is_cached_per_setting(skiing, tiny_model, tmp_path):
     run = tune(skiing, tiny_model, tmp_path / "run")
-    tuned = editing.load_tuned(run, device="cpu")
+    tuned = load_tuned(run, device="cpu")
     first, cached = editing.invert_source(tuned, EDIT)
     again, cached_again = editing.invert_source(tuned, EDIT)
     assert (cached, cached_again) == (False, True) and torch.equal(first, again)
@@ -155,6 +156,30 @@ def test_inversion_is_cached_per_setting(skiing, tiny_model, tmp_path):
 
 def ctrl_c() -> None:
     os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture
+def sigint(request):
+    """The SIGINT handler tuning finds (Python's default unless the test is parametrized), set for the test and
+    reset after: pytest started in the background by a shell without job control finds SIGINT ignored."""
+    handler = getattr(request, "param", signal.default_int_handler)
+    found = signal.signal(signal.SIGINT, handler)
+    yield handler
+    signal.signal(signal.SIGINT, found)
+
+
+@pytest.mark.parametrize(
+    "sigint",
+    [signal.default_int_handler, signal.SIG_IGN, signal.SIG_DFL, lambda *_: None],
+    ids=["default", "SIG_IGN", "SIG_DFL", "a function"],
+    indirect=True,
+)
+def test_tuning_takes_ctrl_c_and_gives_back_the_handler_it_found(sigint):
+    with tuning.interrupts_between_steps() as interrupted:
+        assert not interrupted()
+        ctrl_c()  # even where SIGINT was ignored: the user pressed it while tuning
+        assert interrupted()
+    assert signal.getsignal(signal.SIGINT) is sigint
 
 
 @contextmanager
@@ -196,14 +221,14 @@ def assert_same_run(run: Run, reference: Run) -> None:
 
 
 @pytest.mark.parametrize("where", ["forward", "backward", "optimizer step"])
-def test_ctrl_c_anywhere_in_a_step_resumes_bit_identically(skiing, tiny_model, tmp_path, monkeypatch, where):
+def test_ctrl_c_anywhere_in_a_step_resumes_bit_identically(skiing, tiny_model, tmp_path, monkeypatch, where, sigint):
     settings = dict(steps=5, adapter_lr=1e-2, checkpoint_every=100)
     reference = tune(skiing, tiny_model, tmp_path / "reference", **settings)
     with ctrl_c_during_step(monkeypatch, 3, where), pytest.raises(Interrupted, match="after step 3.*--resume"):
         tune(skiing, tiny_model, tmp_path / "run", **settings)  # the step under way finishes first
     run = Run(tmp_path / "run")
     assert run.checkpoint_path.exists() and not run.tuned_path.exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is the user's again
+    assert signal.getsignal(signal.SIGINT) is sigint  # Ctrl-C is the user's again
     with pytest.raises(RunError, match="already holds a run"):
         tune(skiing, tiny_model, run.root, **settings)
     with pytest.raises(RunError, match="lr: 3e-05 -> 0.001"):
@@ -249,12 +274,37 @@ def test_auto_steps_grow_with_a_clip_longer_than_the_window(skiing, tiny_model, 
     assert record["settings"]["steps"] == 3 == record["tuning"]["steps_done"]  # round(2 * sqrt(10 / 4))
 
 
-def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(skiing, tiny_model, tmp_path, monkeypatch):
+def test_resume_compares_auto_steps_as_the_number_they_came_to(skiing, tiny_model, tmp_path, monkeypatch):
+    """--steps auto is recorded as the number it came to on the run's frames: --resume with auto again continues
+    the run, with another number it is refused (it would not end where an uninterrupted run does)."""
+    from ctxedit import settings as settings_module
+
+    monkeypatch.setattr(settings_module, "STEPS", 2)
+    settings = dict(frames=10, window=4, steps="auto", adapter_lr=1e-2)  # 3 steps: round(2 * sqrt(10 / 4))
+    reference = tune(skiing, tiny_model, tmp_path / "reference", **settings)
+    with ctrl_c_during_step(monkeypatch, 2, "forward"), pytest.raises(Interrupted, match="after step 2"):
+        tune(skiing, tiny_model, tmp_path / "run", **settings)
+    run = Run(tmp_path / "run")
+    with pytest.raises(RunError, match="these differ: steps: 3 -> 5$"):
+        tuning.tune_video(skiing, TuneSettings(**(SMALL | settings | {"steps": 5})), run, str(tiny_model), "cpu",
+                          resume=True)  # fmt: skip
+    monkeypatch.setattr(settings_module, "STEPS", 4)  # auto on these frames comes to another number now
+    with pytest.raises(RunError, match=r"these differ: steps: 3 -> 'auto' \(6\)$"):
+        tuning.tune_video(skiing, TuneSettings(**(SMALL | settings)), run, str(tiny_model), "cpu", resume=True)
+    monkeypatch.setattr(settings_module, "STEPS", 2)
+    tuning.tune_video(skiing, TuneSettings(**(SMALL | settings)), run, str(tiny_model), "cpu", resume=True)
+    assert_same_run(run, reference)
+    assert run.read_record()["settings"]["steps"] == 3
+
+
+@pytest.mark.parametrize("sigint", [signal.SIG_IGN], ids=["SIG_IGN"], indirect=True)  # as a background job finds it
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(skiing, tiny_model, tmp_path, monkeypatch, sigint):
     settings = dict(steps=5, adapter_lr=1e-2, checkpoint_every=2)
     reference = tune(skiing, tiny_model, tmp_path / "reference", **settings)
     with ctrl_c_during_step(monkeypatch, 4, "backward", presses=2):
         with pytest.raises(Interrupted, match="stopped during step 4; the checkpoint of step 2 is kept"):
             tune(skiing, tiny_model, tmp_path / "run", **settings)
+    assert signal.getsignal(signal.SIGINT) is sigint
     run = Run(tmp_path / "run")
     tuning.tune_video(skiing, TuneSettings(**(SMALL | settings)), run, str(tiny_model), "cpu", resume=True)
     assert_same_run(run, reference)

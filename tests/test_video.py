@@ -53,7 +53,7 @@ X264 = ("-c:v", "libx264", "-crf", "12")
 CLIPS = {  # name: (encoder options, mean error allowed against the truth)
     "h264.mp4": ((*X264, "-pix_fmt", "yuv420p"), 4),
     "yuv444.mp4": ((*X264, "-pix_fmt", "yuv444p"), 4),
-    "bt709-10bit.mp4": (  # tagged BT.709: converted with that matrix, not BT.601's
+    "bt709-10bit.mp4": (  # 10-bit HEVC tagged BT.709 (its matrix: test_colours_are_converted_with_the_files_matrix)
         ("-vf", "scale=out_color_matrix=bt709", "-colorspace", "bt709", "-c:v", "libx265", "-crf", "12",
          "-pix_fmt", "yuv420p10le", "-x265-params", "log-level=none"), 4),
     "full-range.mp4": (("-vf", "scale=out_range=full", "-color_range", "pc", *X264, "-pix_fmt", "yuv420p"), 4),
@@ -78,11 +78,32 @@ def test_codecs_and_containers_give_the_right_pictures_and_times(truth, tmp_path
     assert error(frames, truth[order]) < allowed < error(frames, truth[[0, 3, 1, 5]])  # those frames, no others
 
 
+SATURATED = np.array(
+    [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (200, 30, 200), (30, 200, 200)], np.uint8
+)
+
+
+@pytest.mark.parametrize("name", ["bt709-10bit.mp4", "h264.mp4"])  # tagged BT.709; untagged, so BT.601
+def test_colours_are_converted_with_the_files_matrix(tmp_path, name):
+    """Flat saturated colours come back within 1 level (measured 0.05 and 0.58); the other matrix is off by 11.5
+    (BT.601's on the BT.709 file) and 10.5 (BT.709's on the untagged one)."""
+    flat = np.broadcast_to(SATURATED[:, None, None], (6, 54, 96, 3)).copy()
+    info = video.probe(encode(flat, tmp_path / name, *CLIPS[name][0]))
+    assert error(video.read_frames(info, list(range(6))), flat) < 1
+
+
 @pytest.fixture(scope="module")
 def lossless(truth, tmp_path_factory):
     return encode(
         truth, tmp_path_factory.mktemp("clips") / "lossless.mkv", *X264[:2], "-qp", "0", "-pix_fmt", "yuv444p"
     )
+
+
+def played(clip, height: int, width: int) -> np.ndarray:
+    """The frames ffmpeg itself decodes from `clip`, as a player shows them."""
+    command = [video.ffmpeg_exe(), "-v", "error", "-i", clip, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    raw = subprocess.run(command, capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
 
 
 @pytest.mark.parametrize("degrees", [0, 90, 180, 270])
@@ -94,11 +115,8 @@ def test_display_matrix_rotation_and_mirror_come_out_as_players_show_them(truth,
     frames = video.read_frames(info, list(range(6)))
     if not mirror:  # counter-clockwise, as the flag says
         assert error(frames, np.rot90(truth, degrees // 90, axes=(1, 2))) < 1
-    player = subprocess.run(  # ffmpeg turns and mirrors by the display matrix, as players do
-        [video.ffmpeg_exe(), "-v", "error", "-i", clip, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True
-    ).stdout
     assert (info.width, info.height) == ((54, 96) if degrees in (90, 270) else (96, 54))
-    assert error(frames, np.frombuffer(player, np.uint8).reshape(frames.shape)) < 1
+    assert error(frames, played(clip, info.height, info.width)) < 1  # ffmpeg turns and mirrors as players do
 
 
 def test_pixel_aspect_ratio_is_applied(truth, tmp_path):
@@ -161,6 +179,50 @@ def test_variable_frame_rate_frames_follow_the_clock(tmp_path):
     shown = [max(n for n, t in enumerate(VFR_TIMES) if t <= c + 0.5 / info.fps) for c in clock]
     assert picks == shown and picks != list(range(4, 10)) and len(set(picks)) < len(picks)
     assert which_frames(video.read_frames(info, picks)) == picks
+
+
+@pytest.mark.parametrize("gop", [None, 12])  # the sample (one keyframe); a keyframe every 12 frames, B-frames
+def test_a_trimmed_mp4_shows_the_frames_a_player_shows(car, tmp_path, gop):
+    """`-ss 1.3 -c copy` (as phones trim) keeps the packets from the keyframe before 1.3 s and writes an edit list
+    that hides the 13 frames before it: they are decoded, not shown, and time starts at the first frame shown."""
+    source = car
+    if gop:
+        source = tmp_path / "gop.mp4"
+        ffmpeg("-i", car, "-c:v", "libx264", "-g", gop, "-bf", 2, "-crf", 17, source)
+    trimmed = tmp_path / "trimmed.mp4"
+    ffmpeg("-ss", 1.3, "-i", source, "-c", "copy", trimmed)
+    shown = played(trimmed, 256, 256)
+    info = video.probe(trimmed)
+    assert info.num_frames == len(shown) == 67
+    assert info.times == pytest.approx([n / 10 for n in range(67)], abs=1e-3) and info.end_s == pytest.approx(6.7)
+    frames = video.read_frames(info, list(range(67)))
+    assert error(frames, shown) < 2 < 10 < error(frames[1:], shown[:-1])  # the frames ffmpeg shows, not neighbours
+    assert np.array_equal(frames, video.read_frames(video.probe(source), list(range(13, 80))))
+    picks = [40, 5, 66, 11, 0]  # seeks, into the frames after the hidden keyframe too
+    assert np.array_equal(video.read_frames(info, picks), frames[picks])
+
+
+def sound(clip, start_s: float) -> np.ndarray:
+    """Half a second of mono audio from `start_s`, cut as `write_video` cuts it (-ss before -i)."""
+    cut = ["-ss", f"{start_s:.6f}", "-i", clip, "-t", "0.5", "-map", "0:a:0", "-ac", "1", "-ar", "44100", "-f", "s16le"]
+    raw = subprocess.run([video.ffmpeg_exe(), "-v", "error", *cut, "-"], capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.int16).astype(float)
+
+
+def test_a_trimmed_mp4_keeps_its_sound_under_its_frames(skiing, tmp_path):
+    """Edits take the audio from their first frame's time (`start_s`): on a trim it is the sound under that frame."""
+    trimmed = tmp_path / "trimmed.mp4"
+    ffmpeg("-ss", 1.3, "-i", skiing, "-c", "copy", trimmed)
+    info, full = video.probe(trimmed), video.probe(skiing)
+    hidden = full.num_frames - info.num_frames  # 39 frames before 1.3 s at 29.97 fps
+    assert (info.num_frames, hidden, info.has_audio) == (len(played(trimmed, 256, 256)), 39, True)
+    assert info.times == pytest.approx([t - full.times[hidden] for t in full.times[hidden:]], abs=1e-6)
+    assert np.array_equal(video.read_frames(info, [0, 30]), video.read_frames(full, [hidden, hidden + 30]))
+    for n in (0, 30):
+        here, there = sound(trimmed, info.times[n]), sound(skiing, full.times[hidden + n])
+        assert len(here) == len(there) == 22050
+        lag = np.argmax(np.correlate(there, here[2205:-2205], "valid")) - 2205  # samples, within +-50 ms
+        assert abs(lag) < 0.002 * 44100  # 57 (1.3 ms): the trim's audio starts at 1.3 s, its first frame at 1.3013
 
 
 MEASURE_READ = """

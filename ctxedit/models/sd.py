@@ -43,8 +43,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and precision == "fp16":
-        raise UsageError("--precision fp16 is not supported on the CPU; use fp32 or bf16")
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 

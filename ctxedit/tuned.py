@@ -1,0 +1,89 @@
+"""A tuned run, loaded for editing and scoring: the model with its trained parameters, the context adapter and
+shift, the cached source latents and prompt states, and the source frames as the model saw them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctxedit import video as videos
+from ctxedit.diffusion import ShiftSchedule
+from ctxedit.models.adapter import ContextAdapter
+from ctxedit.models.inflate import VideoUNet
+from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_precision
+from ctxedit.models.trained import build, load_trained
+from ctxedit.runs import Run, recorded_model
+from ctxedit.settings import EditSettings, TuneSettings, recorded_settings
+from ctxedit.windows import Windows
+
+READ_CHUNK = 16  # source frames decoded at a time: memory does not grow with the clip or the source's resolution
+
+
+@dataclass
+class Tuned:
+    """A tuned run, loaded: the model, its adapter, and the cached source latents and prompt states."""
+
+    run: Run
+    record: dict
+    sd: StableDiffusion
+    model: VideoUNet
+    adapter: ContextAdapter | None
+    shift: ShiftSchedule
+    x0: torch.Tensor  # (1, f, c, h, w) source latents
+    source_text: torch.Tensor  # (1, tokens, dim)
+    weights: int | None = None  # the tuning step whose parameters are loaded (a kept checkpoint); None: the end
+
+    @property
+    def prompt(self) -> str:
+        return self.record["settings"]["prompt"]
+
+    @property
+    def seed(self) -> int:
+        return self.record["settings"]["seed"]
+
+    def use_weights(self, step: int | None) -> None:
+        """Load the parameters after tuning step `step` (None: the finished tuning) unless they are loaded."""
+        if self.weights != step:
+            load_trained(self.run.weights_path(step), self.model, self.adapter)
+            self.weights = step
+
+    def shift_for(self, settings: EditSettings) -> ShiftSchedule:
+        """The tuned context shift, scaled by the edit's `context_scale`."""
+        return replace(self.shift, scale=self.shift.scale * settings.context_scale)
+
+    def windows(self, overlap: int) -> Windows:
+        """The windows the clip is run in, those of `overlap` frames."""
+        window = recorded_settings(TuneSettings, self.record["settings"])["window"]
+        return Windows(self.x0.shape[1], window, overlap)
+
+
+def load_tuned(run: Run, device: str = "auto", precision: str = "auto") -> Tuned:
+    from safetensors.torch import load_file
+
+    record = run.require_tuned()
+    torch_device = resolve_device(device)
+    sd = load_sd(recorded_model(record), torch_device, resolve_precision(precision, torch_device))
+    settings = record["settings"]
+    shift = ShiftSchedule(settings["context"], settings["context_scale"])
+    model, adapter = build(sd, shift.active, settings["seed"])
+    load_trained(run.tuned_path, model, adapter)
+    cache = load_file(str(run.source_path), device=str(torch_device))
+    return Tuned(run, record, sd, model, adapter, shift, cache["latents"], cache["text"])
+
+
+def source_chunks(record: dict) -> Iterator[np.ndarray]:
+    """The tuned frames of the source, as the model saw them (processed size), `READ_CHUNK` frames at a time."""
+    info = videos.probe(Path(record["video"]["path"]))
+    size = (record["size"]["width"], record["size"]["height"])
+    indices = record["frames"]["indices"]
+    for first in range(0, len(indices), READ_CHUNK):
+        yield videos.resize_frames(videos.read_frames(info, indices[first : first + READ_CHUNK]), size)
+
+
+def source_frames(record: dict) -> np.ndarray:
+    """The tuned frames of the source, as the model saw them (processed size)."""
+    return np.concatenate(list(source_chunks(record)))
