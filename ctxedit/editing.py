@@ -385,9 +385,8 @@ def render_edits(
             if keys[k] not in passes:
                 passes.clear()  # the one before goes first: two source passes never share the memory
                 passes[keys[k]] = source_pass(tuned, options[k], progress)
-            source = passes[keys[k]]
-            cached, source.cached = cached and source.cached, True
-            made[k] = edit_latents(tuned, source, target, options[k], progress, _label(request, k, options))
+            cached, passes[keys[k]].cached = cached and passes[keys[k]].cached, True  # no name holds a pass
+            made[k] = edit_latents(tuned, passes[keys[k]], target, options[k], progress, _label(request, k, options))
 
         decode = [_stage(progress, "decode", _label(request, k, options)) for k in range(len(options))]
         chosen, candidates = 0, []

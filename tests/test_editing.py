@@ -258,3 +258,49 @@ def test_cache_keys_come_from_each_settings_declared_stage(tuned):
             continue
         assert editing.inversion_key(tuned, other) != editing.inversion_key(tuned, base), name
     assert editing.inversion_key(tuned, replace(base, guidance=3.0, eta=0.5)) == editing.inversion_key(tuned, base)
+
+
+def test_an_edit_holds_one_source_pass_and_one_candidates_frames_at_a_time(tuned, tmp_path, monkeypatch):
+    """A second source pass is computed only once the first is gone; candidates are decoded and scored one by one."""
+    import gc
+    import weakref
+
+    from ctxedit.models.sd import StableDiffusion
+
+    passes, alive_at_start, events = [], [], []
+    real_pass, real_decode, real_score = editing.source_pass, StableDiffusion.decode_latents, realign.Reranker.score
+
+    def source_pass(*args, **kwargs):
+        gc.collect()
+        alive_at_start.append(sum(ref() is not None for ref in passes))
+        made = real_pass(*args, **kwargs)
+        passes.append(weakref.ref(made))
+        return made
+
+    monkeypatch.setattr(editing, "source_pass", source_pass)
+    monkeypatch.setattr(StableDiffusion, "decode_latents", lambda *a: events.append("decode") or real_decode(*a))
+    monkeypatch.setattr(realign.Reranker, "score", lambda *a: events.append("score") or real_score(*a))
+    settings = EditSettings(steps=2, guidance=5.0, candidates=3)  # the third candidate: keep-structure 0.2
+    requests = [editing.EditRequest("a man is skiing on the moon", settings, tmp_path / "a.mp4"),
+                editing.EditRequest("a man is skiing on mars", replace(settings, candidates=1, guidance=6.0),
+                                    tmp_path / "b.mp4")]  # fmt: skip
+    editing.render_edits(tuned, requests)
+    assert alive_at_start == [0, 0, 0]  # the user's settings, the candidate with other structure, guidance 6
+    assert events == ["decode", "score"] * 3
+
+
+def test_source_frames_and_composites_are_read_a_chunk_at_a_time(long_clip, tmp_path, monkeypatch):
+    """A clip's source frames and the edits read back for the composites never come in whole (23 frames here)."""
+    from ctxedit import video
+    from ctxedit.settings import OutputSettings
+    from ctxedit.tuned import READ_CHUNK
+
+    sizes, real_read = [], video.read_frames
+    monkeypatch.setattr(video, "read_frames", lambda info, indices: sizes.append(len(indices)) or
+                        real_read(info, indices))  # fmt: skip
+    output = OutputSettings(side_by_side=True, grid=True)
+    editing.edit_run(long_clip.run, ["a man is skiing on the moon"], EditSettings(steps=2, candidates=2),
+                     out=tmp_path / "edit.mp4", output=output, device="cpu")  # fmt: skip
+    assert sizes and max(sizes) <= READ_CHUNK and sum(sizes) >= 23 * 4  # source twice (scores, composites) and edit
+    for name in ("side-by-side", "grid"):
+        assert video.probe(long_clip.run.root / "edits" / f"{name}.mp4").num_frames == 23
