@@ -262,7 +262,10 @@ def _strip_of(entry: dict, video: Path, record: dict, source: list) -> Path | No
             source.append(source_frames(record))
         rows = [
             ("source: " + record["settings"]["prompt"], source[0]),
-            (entry["target"], compose.read_like(videos.probe(video), source[0], list(range(len(source[0]))))),
+            (
+                entry["target"],
+                compose.sized_like(videos.read_frames(videos.probe(video), list(range(len(source[0])))), source[0]),
+            ),
         ]
     except VideoError:
         return None  # the source video was moved: no strip, the rest of the report stands

@@ -86,10 +86,8 @@ def write_strip(rows: list[tuple[str, np.ndarray]], dest: Path, overwrite: bool 
         strip(rows).save(tmp, format="PNG")
 
 
-def read_like(info: videos.VideoInfo, like: np.ndarray, indices: list[int]) -> np.ndarray:
-    """The frames at `indices` of the video `info` describes, at the size of the frames `like` (edits may be at the
-    source's size)."""
-    frames = videos.read_frames(info, indices)
+def sized_like(frames: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """`frames` at the size of the frames `like` (edits may be at the source's size)."""
     if frames.shape[1:3] != like.shape[1:3]:
         frames = videos.resize_frames(frames, (like.shape[2], like.shape[1]))
     return frames

@@ -146,11 +146,13 @@ def _uncond(tuned: Tuned, settings: EditSettings) -> torch.Tensor:
 
 
 def inversion_key(tuned: Tuned, settings: EditSettings) -> str:
-    """Everything the inverted trajectory depends on, hashed: the settings of the inversion stage, the parameters
-    and shift they apply to, and where it runs."""
+    """Everything the inverted trajectory depends on, hashed: the settings of the inversion stage (but an overlap of
+    a clip that fits one window, a context scale without an adapter), the parameters and shift they apply to, and
+    where it runs."""
     windows = tuned.windows(settings.overlap)
+    idle = {"overlap": not windows.split, "context_scale": tuned.adapter is None}  # settings that cannot act here
     key = {
-        "settings": dict(settings.depending("inversion")),
+        "settings": {name: value for name, value in settings.depending("inversion") if not idle.get(name)},
         "tuned": sha256_of(tuned.run.weights_path(settings.checkpoint)),
         "shift": asdict(tuned.shift_for(settings)) if tuned.adapter is not None else None,
         "windows": [windows.size, windows.overlap] if windows.split else None,
@@ -302,16 +304,14 @@ def edit_latents(
     source_mask = _region(source.word_maps.of(blend[0])) if blend and blend[0] else None
     if blend and blend[0] and source_mask is None:
         blend = None
-    own_maps = blend is not None and source_mask is None
-    session = Session(
-        source.plan,
-        store=source.store,
-        token_map=target.alignment.token_map.to(sd.device),
-        word_maps=WordMaps(source.word_maps.layers, source.word_maps.latent_size, clip_frames=windows.frames,
-                           tokens=target.tokens) if own_maps else None,
-        reweighting=reweighting(target, settings, source, source_mask, step_plan(settings).strength(
-            sampler.timesteps.tolist())),
-    )  # fmt: skip
+    own_maps = None  # words the target only adds: their region from the edit's own maps
+    if blend is not None and source_mask is None:
+        layers, latent_size = source.word_maps.layers, source.word_maps.latent_size
+        own_maps = WordMaps(layers, latent_size, clip_frames=windows.frames, tokens=target.tokens)
+    strength = step_plan(settings).strength(sampler.timesteps.tolist())
+    token_map = target.alignment.token_map.to(sd.device)
+    weighing = reweighting(target, settings, source, source_mask, strength)
+    session = Session(source.plan, store=source.store, token_map=token_map, word_maps=own_maps, reweighting=weighing)
     start = settings.first_step
 
     def guide(step: int, y: torch.Tensor) -> torch.Tensor:
@@ -357,6 +357,54 @@ def parse_requests(tuned: Tuned, requests: list[EditRequest]) -> list[Target]:
     return targets
 
 
+def _sampled(
+    tuned: Tuned,
+    passes: dict[tuple, SourcePass],
+    request: EditRequest,
+    target: Target,
+    options: list[EditSettings],
+    progress: Progress | None,
+) -> tuple[list[torch.Tensor], bool]:
+    """(each option's latents, in order; whether every inversion came from the cache). Options with the same
+    source-pass settings share one source pass, and so do the requests in a row (`passes` keeps the last one)."""
+    keys = [option.depending("source") for option in options]
+    made: list[torch.Tensor] = [None] * len(options)
+    cached = True
+    for k in sorted(range(len(options)), key=lambda k: keys.index(keys[k])):
+        if keys[k] not in passes:
+            passes.clear()  # the one before goes first: two source passes never share the memory (no name holds one)
+            passes[keys[k]] = source_pass(tuned, options[k], progress)
+        cached = cached and passes[keys[k]].cached
+        passes[keys[k]].cached = True  # for the edits that reuse it
+        made[k] = edit_latents(tuned, passes[keys[k]], target, options[k], progress, _label(request, k, options))
+    return made, cached
+
+
+def _reranked(
+    tuned: Tuned,
+    reranker: realign.Reranker,
+    request: EditRequest,
+    target: Target,
+    options: list[EditSettings],
+    made: list[torch.Tensor],
+    output: OutputSettings,
+    overwrite: bool,
+    progress: Progress | None,
+) -> tuple[int, list[dict]]:
+    """(the chosen candidate, one record per candidate), each candidate decoded, scored (and kept when asked) in
+    turn, one in memory at a time; (0, []) for a single edit."""
+    if len(options) == 1:
+        return 0, []
+    scores, paths = [], outputs.candidate_paths(request.path, len(options)) if output.keep_candidates else []
+    for k, latents in enumerate(made):
+        frames = tuned.sd.decode_latents(latents, _stage(progress, "decode", _label(request, k, options)))
+        scores.append(reranker.score(target, request.settings, frames))
+        if paths:
+            paths[k].parent.mkdir(parents=True, exist_ok=True)
+            outputs.write_edit(frames, paths[k], tuned.record, output, overwrite)
+    return realign.choose(request.settings, options, scores, paths)
+
+
 def render_edits(
     tuned: Tuned,
     requests: list[EditRequest],
@@ -366,8 +414,7 @@ def render_edits(
 ) -> list[EditResult]:
     """Edit towards each request's target; every edit is written and recorded as soon as it is done. Requests
     (and candidates) with the same source-pass settings in a row share one source pass (the first one's time
-    includes it). With `candidates` > 1 each candidate is scored and the best by fused ranks is the edit; the
-    candidates' latents are kept, their frames decoded one candidate at a time."""
+    includes it). With `candidates` > 1 each candidate is scored and the best by fused ranks is the edit."""
     targets = parse_requests(tuned, requests)
     kept = tuned.run.kept_steps()
     passes: dict[tuple, SourcePass] = {}  # the last one only: SD 1.5's holds ~825 MiB of records
@@ -378,28 +425,10 @@ def render_edits(
         settings = request.settings
         seed = settings.seed if settings.seed is not None else tuned.seed
         options = realign.candidate_settings(settings, settings.candidates, seed, kept, tuned.adapter is not None)
-        keys = [option.depending("source") for option in options]
-        made: dict[int, torch.Tensor] = {}  # latents
-        cached = True
-        for k in sorted(range(len(options)), key=lambda k: keys.index(keys[k])):  # one source pass per key
-            if keys[k] not in passes:
-                passes.clear()  # the one before goes first: two source passes never share the memory
-                passes[keys[k]] = source_pass(tuned, options[k], progress)
-            cached, passes[keys[k]].cached = cached and passes[keys[k]].cached, True  # no name holds a pass
-            made[k] = edit_latents(tuned, passes[keys[k]], target, options[k], progress, _label(request, k, options))
-
-        decode = [_stage(progress, "decode", _label(request, k, options)) for k in range(len(options))]
-        chosen, candidates = 0, []
-        if len(options) > 1:  # each candidate scored on its frames, one in memory at a time
-            scores, paths = [], outputs.candidate_paths(request.path, len(options)) if output.keep_candidates else []
-            for k, latents in made.items():
-                frames = tuned.sd.decode_latents(latents, decode[k])
-                scores.append(reranker.score(target, settings, frames))
-                if paths:
-                    paths[k].parent.mkdir(parents=True, exist_ok=True)
-                    outputs.write_edit(frames, paths[k], tuned.record, output, overwrite)
-            chosen, candidates = realign.choose(settings, options, scores, paths)
-        frames = tuned.sd.decoded_frames(made[chosen], decode[chosen])  # streamed to the file
+        made, cached = _sampled(tuned, passes, request, target, options, progress)
+        chosen, candidates = _reranked(tuned, reranker, request, target, options, made, output, overwrite, progress)
+        decoding = _stage(progress, "decode", request.target) if not candidates else None  # candidates: shown above
+        frames = tuned.sd.decoded_frames(made[chosen], decoding)  # streamed to the file
         written = outputs.write_edit(frames, request.path, tuned.record, output, overwrite, output.gif)
         result = EditResult(
             target=request.target,

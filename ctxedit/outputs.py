@@ -4,7 +4,7 @@ the side-by-side and grid composites of a run's edits."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from ctxedit.errors import UsageError
 from ctxedit.files import refuse_overwrite
 from ctxedit.runs import Run
 from ctxedit.settings import OutputSettings
-from ctxedit.tuned import source_chunks
+from ctxedit.tuned import READ_CHUNK, source_chunks
 
 
 @dataclass(frozen=True)
@@ -100,23 +100,21 @@ def write_composites(
 ) -> list[Path]:
     """The side-by-side and grid videos `output` asks for, of the source and `edits` (caption, file), composed
     a chunk of frames at a time."""
-    if not edits:
+    paths = composite_paths(run, output)
+    if not edits or not paths:
         return []
     captions = ["source: " + record["settings"]["prompt"], *(caption for caption, _ in edits)]
-    infos = [videos.probe(path) for _, path in edits]
     fps, audio = output_fps(record, output), audio_span(record, output)
-    layouts = {"side-by-side": compose.side_by_side, "grid": compose.grid}
-    written = []
-    for path in composite_paths(run, output):
+    for path in paths:
+        layout = compose.side_by_side if path.stem == "side-by-side" else compose.grid
+        videos.write_video(_composed(record, edits, captions, layout), path, fps, audio, overwrite)
+    return paths
 
-        def frames(layout=layouts[path.stem]):
-            done = 0
-            for source in source_chunks(record):
-                chunk = list(range(done, done + len(source)))
-                rows = [source, *(compose.read_like(info, source, chunk) for info in infos)]
-                yield from layout(list(zip(captions, rows, strict=True)))
-                done += len(source)
 
-        videos.write_video(frames(), path, fps, audio, overwrite)
-        written.append(path)
-    return written
+def _composed(record: dict, edits: list[tuple[str, Path]], captions: list[str], layout) -> Iterator[np.ndarray]:
+    """The frames of one composite, read and laid out `READ_CHUNK` frames at a time."""
+    count = record["frames"]["count"]
+    readers = [videos.read_chunks(videos.probe(path), list(range(count)), READ_CHUNK) for _, path in edits]
+    for source in source_chunks(record):
+        rows = [source, *(compose.sized_like(next(reader), source) for reader in readers)]
+        yield from layout(list(zip(captions, rows, strict=True)))

@@ -35,6 +35,7 @@ VARIATIONS: tuple[tuple[str, float], ...] = (
     ("context_scale", 1.5),
     ("checkpoint", 2),
 )
+FURTHEST = {"guidance": (0.5, 2.5), "context_scale": (0.25, 2.0)}  # the factors later rounds may reach
 # The scores shown to track the truth on the shapes world (README, "Re-alignment"): consistency (jitter) and
 # preservation (drift); the rule was chosen on development clips. Text alignment is scored and recorded but not
 # used: the UNet's attention mass tracks the truth backwards there, no rule using the caption reward did reliably
@@ -89,7 +90,11 @@ def _variation(
     if name == "keep_structure":
         keep = min(1.0, max(0.0, round(settings.keep_structure + value * (turn + 1), 3)))
         return replace(settings, keep_structure=keep, eta=0.0)
-    return replace(settings, **{name: round(getattr(settings, name) * value ** (turn + 1), 3)}, eta=0.0)
+    factor = value ** (turn + 1)
+    low, high = FURTHEST[name]
+    if not low <= factor <= high:
+        return None
+    return replace(settings, **{name: round(getattr(settings, name) * factor, 3)}, eta=0.0)
 
 
 def best_candidate(scores: list[Scores], axes: tuple[str, ...] = RERANK_AXES) -> int:

@@ -189,7 +189,10 @@ def attention_mass(
             positions = frames_of_window if windows.split else None
             with model.control.applying(session, positions), sd.autocast():
                 model(noisy[:, frames_of_window].to(sd.dtype), t, states.to(sd.dtype))
-        maps = session.word_maps.total  # (f, tokens, h, w)
+        seen = torch.zeros(windows.frames, device=sd.device)  # how often each frame was run (the anchor: each window)
+        for frames_of_window in windows.sequences:
+            seen[frames_of_window] += 1
+        maps = session.word_maps.total / seen[:, None, None, None]  # (f, tokens, h, w), each frame counted once
         masses.append(float(maps[:, target.changed].sum() / maps[:, words].sum()))
     return float(np.mean(masses))
 
@@ -233,8 +236,9 @@ def score_run(
 ) -> list[dict]:
     """Score the run's recorded edits (all, or those at the paths `edits`) and record the scores in run.json."""
     from ctxedit import video
+    from ctxedit.compose import sized_like
     from ctxedit.settings import check_scorer
-    from ctxedit.tuned import load_tuned, source_frames
+    from ctxedit.tuned import READ_CHUNK, load_tuned, source_frames
 
     check_scorer(scorer, scorer_model)
     record = run.require_tuned()
@@ -253,12 +257,10 @@ def score_run(
     results = []
     for path in chosen:
         entry = latest[path]
-        info = video.probe(Path(path))
-        frames = video.read_frames(info, list(range(info.num_frames)))
-        if frames.shape[1:3] != source.shape[1:3]:  # written at the source's size: back to the model's
-            frames = video.resize_frames(frames, (source.shape[2], source.shape[1]))
+        chunks = video.read_chunks(video.probe(Path(path)), list(range(len(source))), READ_CHUNK)
+        frames = np.concatenate([sized_like(chunk, source) for chunk in chunks])  # at the model's size
         target = parse_target(tuned.sd.tokenizer, tuned.prompt, entry["target"])
-        axes = score(frames[: len(source)], source, target, text_score).axes()
+        axes = score(frames, source, target, text_score).axes()
         entry.setdefault("scores", {})[scorer] = axes
         results.append({"path": entry["path"], "target": entry["target"], "scorer": scorer, **axes})
 

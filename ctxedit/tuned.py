@@ -79,9 +79,8 @@ def source_chunks(record: dict) -> Iterator[np.ndarray]:
     """The tuned frames of the source, as the model saw them (processed size), `READ_CHUNK` frames at a time."""
     info = videos.probe(Path(record["video"]["path"]))
     size = (record["size"]["width"], record["size"]["height"])
-    indices = record["frames"]["indices"]
-    for first in range(0, len(indices), READ_CHUNK):
-        yield videos.resize_frames(videos.read_frames(info, indices[first : first + READ_CHUNK]), size)
+    for chunk in videos.read_chunks(info, record["frames"]["indices"], READ_CHUNK):
+        yield videos.resize_frames(chunk, size)
 
 
 def source_frames(record: dict) -> np.ndarray:

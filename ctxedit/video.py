@@ -13,7 +13,7 @@ import itertools
 import math
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -276,20 +276,39 @@ def _picture(frame, info: VideoInfo) -> np.ndarray:
     return info.orientation.apply(picture)
 
 
-def read_frames(info: VideoInfo, indices: list[int]) -> np.ndarray:
-    """Decode the frames at `indices`, upright with square pixels; (f, height, width, 3) uint8."""
+def _pictures(info: VideoInfo, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, picture) of each of the sorted, distinct `wanted` frames, from one decoder; a failure is one line."""
     import av
 
     container, stream = _open(info.path)
-    pictures = {}
+    done = 0
     with container:
         try:
-            for index, frame in _decoded(container, stream, info, sorted(set(indices))):
-                pictures[index] = _picture(frame, info)
+            for index, frame in _decoded(container, stream, info, wanted):
+                yield index, _picture(frame, info)
+                done += 1
         except av.FFmpegError as error:
-            done = f"{len(pictures)} of the {len(set(indices))} chosen frames"
-            raise VideoError(f"{info.path}: decoding failed after {done} ({error.strerror or error})") from None
+            chosen = f"{done} of the {len(wanted)} chosen frames"
+            raise VideoError(f"{info.path}: decoding failed after {chosen} ({error.strerror or error})") from None
+
+
+def read_frames(info: VideoInfo, indices: list[int]) -> np.ndarray:
+    """Decode the frames at `indices`, upright with square pixels; (f, height, width, 3) uint8."""
+    pictures = dict(_pictures(info, sorted(set(indices))))
     return np.stack([pictures[i] for i in indices])
+
+
+def read_chunks(info: VideoInfo, indices: list[int], size: int) -> Iterator[np.ndarray]:
+    """The frames at the non-decreasing `indices`, as `read_frames` gives them, `size` at a time from one running
+    decoder: memory holds one chunk, and no chunk seeks back to the keyframe before it."""
+    pictures, decoded = {}, _pictures(info, sorted(set(indices)))
+    for first in range(0, len(indices), size):
+        chunk = indices[first : first + size]
+        while chunk[-1] not in pictures:
+            index, picture = next(decoded)
+            pictures[index] = picture
+        yield np.stack([pictures[i] for i in chunk])
+        pictures = {chunk[-1]: pictures[chunk[-1]]}  # a frame that repeats (a gap) may start the next chunk
 
 
 def processed_size(width: int, height: int, size: int, multiple: int, crop: str) -> tuple[int, int]:

@@ -23,6 +23,7 @@ TARGETS = {
     "plain": "a man is skiing on the moon",
     "weighted": "a man is skiing on the (moon:2)",  # a word the target adds
     "kept weighted": "a (man:2) is skiing on the moon",  # a word the target keeps
+    "replaced": "a woman is skiing",  # a word the target replaces
 }
 VALUES = {  # every setting that meets the others in an edit, with the values worth crossing
     "inversion": ["direct", "plain", "negative"],
@@ -87,7 +88,7 @@ def controls_on(tuned: Tuned, settings: EditSettings, target: str) -> dict[str, 
     if settings.blend != "off":  # blending applies where the source's words single out a region
         source = editing.source_pass(tuned, settings)
         words = parsed.blend
-        if words and words[0] and stands_out(source.word_maps.of(words[0])):
+        if words and (not words[0] or stands_out(source.word_maps.of(words[0]))):  # or the added words' own maps
             off["blend"] = replace(settings, blend="off"), target
     return off
 

@@ -256,8 +256,14 @@ def test_cache_keys_come_from_each_settings_declared_stage(tuned):
         assert (other.depending("source") != base.depending("source")) == (stage in ("inversion", "source")), name
         if stage != "inversion" or name == "checkpoint":  # a checkpoint that this run did not keep has no key
             continue
-        assert editing.inversion_key(tuned, other) != editing.inversion_key(tuned, base), name
+        acts = name != "overlap"  # the clip fits one window: an overlap changes nothing
+        assert (editing.inversion_key(tuned, other) != editing.inversion_key(tuned, base)) == acts, name
     assert editing.inversion_key(tuned, replace(base, guidance=3.0, eta=0.5)) == editing.inversion_key(tuned, base)
+    # The edit's own settings leave the source pass as it was (computed afresh, not cached).
+    settings = EditSettings(steps=3)
+    landings = editing.source_pass(tuned, settings).landings
+    again = editing.source_pass(tuned, replace(settings, eta=0.5, seed=3, realign="auto", candidates=2)).landings
+    assert torch.equal(landings, again)
 
 
 def test_an_edit_holds_one_source_pass_and_one_candidates_frames_at_a_time(tuned, tmp_path, monkeypatch):
@@ -280,27 +286,54 @@ def test_an_edit_holds_one_source_pass_and_one_candidates_frames_at_a_time(tuned
     monkeypatch.setattr(editing, "source_pass", source_pass)
     monkeypatch.setattr(StableDiffusion, "decode_latents", lambda *a: events.append("decode") or real_decode(*a))
     monkeypatch.setattr(realign.Reranker, "score", lambda *a: events.append("score") or real_score(*a))
-    settings = EditSettings(steps=2, guidance=5.0, candidates=3)  # the third candidate: keep-structure 0.2
+    settings = EditSettings(steps=2, guidance=5.0, candidates=3)  # the third candidate: guidance x1.5, its own pass
     requests = [editing.EditRequest("a man is skiing on the moon", settings, tmp_path / "a.mp4"),
                 editing.EditRequest("a man is skiing on mars", replace(settings, candidates=1, guidance=6.0),
                                     tmp_path / "b.mp4")]  # fmt: skip
     editing.render_edits(tuned, requests)
-    assert alive_at_start == [0, 0, 0]  # the user's settings, the candidate with other structure, guidance 6
+    assert alive_at_start == [0, 0, 0]  # the user's settings (and eta's), guidance x1.5, the next request's 6
     assert events == ["decode", "score"] * 3
 
 
 def test_source_frames_and_composites_are_read_a_chunk_at_a_time(long_clip, tmp_path, monkeypatch):
-    """A clip's source frames and the edits read back for the composites never come in whole (23 frames here)."""
+    """A clip's source frames and the edits read back for the composites never come in whole (23 frames here), and
+    nothing reads the composites when none is asked for."""
     from ctxedit import video
     from ctxedit.settings import OutputSettings
     from ctxedit.tuned import READ_CHUNK
 
-    sizes, real_read = [], video.read_frames
+    sizes, real_read, real_chunks = [], video.read_frames, video.read_chunks
     monkeypatch.setattr(video, "read_frames", lambda info, indices: sizes.append(len(indices)) or
                         real_read(info, indices))  # fmt: skip
+    monkeypatch.setattr(video, "read_chunks", lambda *args: (sizes.append(len(c)) or c for c in real_chunks(*args)))
     output = OutputSettings(side_by_side=True, grid=True)
     editing.edit_run(long_clip.run, ["a man is skiing on the moon"], EditSettings(steps=2, candidates=2),
                      out=tmp_path / "edit.mp4", output=output, device="cpu")  # fmt: skip
     assert sizes and max(sizes) <= READ_CHUNK and sum(sizes) >= 23 * 4  # source twice (scores, composites) and edit
     for name in ("side-by-side", "grid"):
         assert video.probe(long_clip.run.root / "edits" / f"{name}.mp4").num_frames == 23
+    sizes.clear()
+    editing.edit_run(long_clip.run, ["a man is skiing on mars"], EditSettings(steps=2), device="cpu")
+    assert sizes == []
+
+
+def test_each_candidates_scores_are_its_own_whatever_order_they_are_made_in(tuned, tmp_path, monkeypatch):
+    """Six candidates are made in source-pass order (0, 1, 5, 2, 3, 4: the eta draws share the user's pass); each
+    one's recorded scores, and the choice, are still its own."""
+    from ctxedit.scoring import Scores
+
+    made, real_edit = {}, editing.edit_latents
+    monkeypatch.setattr(editing, "edit_latents", lambda t, s, target, settings, *a: made.setdefault(
+        settings, real_edit(t, s, target, settings, *a)))  # fmt: skip
+    brightness = lambda frames: float(frames.astype(float).mean())  # noqa: E731 - a score that tells frames apart
+    monkeypatch.setattr(realign.Reranker, "score", lambda self, target, settings, frames: Scores(
+        brightness(frames), brightness(frames), 0.0))  # fmt: skip
+    settings = EditSettings(steps=2, guidance=5.0, candidates=6)
+    path = tmp_path / "edit.mp4"
+    editing.render_edits(tuned, [editing.EditRequest("a man is skiing on the moon", settings, path)])
+    entry = tuned.run.read_record()["edits"][-1]
+    for candidate in entry["candidates"]:
+        option = replace(settings, candidates=1, **candidate["changes"])
+        assert candidate["scores"]["text"] == brightness(tuned.sd.decode_latents(made[option]))
+    best = max(range(6), key=lambda k: entry["candidates"][k]["scores"]["consistency"])
+    assert entry["chosen"] == best

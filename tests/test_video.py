@@ -302,3 +302,12 @@ def test_writes_never_clobber(tmp_path):
     assert dest.read_bytes() == b"precious" and [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
     assert video.write_video(iter(frames), dest, 10, overwrite=True) == 2  # any iterable, streamed
     assert video.probe(dest).num_frames == 2
+
+
+def test_frames_read_in_chunks_are_those_read_at_once(car):
+    """One running decoder, chunk after chunk, repeats included (a frame shown over a gap): the same pictures."""
+    info = video.probe(car)
+    indices = [0, 1, 1, 2, 5, 9, 9, 9, 30, 31, 60, 79]
+    chunks = list(video.read_chunks(info, indices, 5))
+    assert [len(c) for c in chunks] == [5, 5, 2]
+    assert np.array_equal(np.concatenate(chunks), video.read_frames(info, indices))
