@@ -162,9 +162,6 @@ class StepPlan:
     words: range  # steps where the words shared with the source take the source's cross-attention maps
     reweighting: tuple[float, ...]  # per sampled step, the fraction of the prompt weights that applies
 
-    def timesteps(self, steps: range, timesteps: list[int]) -> frozenset[int]:
-        return frozenset(timesteps[i] for i in steps)
-
     def strength(self, timesteps: list[int]) -> dict[int, float]:
         """Timestep -> the fraction of the prompt weights that applies there."""
         return dict(zip(timesteps[self.first :], self.reweighting, strict=True))
@@ -251,9 +248,9 @@ def source_plan(
     return Plan(
         features=FEATURE_LAYERS,
         self_attention=SELF_ATTENTION_LAYERS,
-        structure_steps=steps.timesteps(steps.structure, timesteps),
+        structure_steps=frozenset(timesteps[i] for i in steps.structure),
         cross_attention=cross,
-        word_steps=steps.timesteps(steps.words, timesteps),
+        word_steps=frozenset(timesteps[i] for i in steps.words),
         source_tokens=source_tokens,
         maps=maps,
     )

@@ -265,11 +265,11 @@ def edit(
         typer.Option(help="direct (the source reconstructs exactly under guidance) | plain | negative (prompt)."),
     ] = EditSettings.inversion,
     keep_structure: Annotated[
-        float, typer.Option(help="Fraction of the steps (the first) that take the source's features; 0: none.")
+        float, typer.Option(help="Fraction of the sampled steps (the first) that take the source's features; 0: none.")
     ] = EditSettings.keep_structure,
     keep_words: Annotated[
         float,
-        typer.Option(help="Fraction of the steps where words shared with the source keep its cross-attention."),
+        typer.Option(help="Fraction of the sampled steps where words shared with the source keep its maps."),
     ] = EditSettings.keep_words,
     blend: Annotated[
         str,

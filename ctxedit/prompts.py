@@ -130,7 +130,6 @@ class Target:
     """A target prompt, parsed once, as it relates to the source prompt: what the edit, the reranker and the scorers
     all take."""
 
-    raw: str  # as written, weights included: what is recorded
     text: str  # without weight syntax: what is encoded
     weights: dict[int, float]  # target token position -> the weight the prompt gives it
     alignment: Alignment  # with the source prompt
@@ -162,4 +161,4 @@ def parse_target(tokenizer, source: str, raw: str, blend_words: list[str] | None
         blend = None  # nothing named changed: nothing to localise
     source_of = alignment.token_map.tolist()
     kept = {token: phrases(tokenizer, source, [source_of[token]]) for token in weights if source_of[token] >= 0}
-    return Target(raw, text, weights, alignment, changed, blend, len(token_ids(tokenizer, text)), kept)
+    return Target(text, weights, alignment, changed, blend, len(token_ids(tokenizer, text)), kept)
