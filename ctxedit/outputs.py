@@ -16,7 +16,7 @@ from ctxedit.errors import UsageError
 from ctxedit.files import refuse_overwrite
 from ctxedit.runs import Run
 from ctxedit.settings import OutputSettings
-from ctxedit.tuned import READ_CHUNK, source_chunks
+from ctxedit.tuned import source_chunks
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,9 @@ def write_composites(
 
 
 def _composed(record: dict, edits: list[tuple[str, Path]], captions: list[str], layout) -> Iterator[np.ndarray]:
-    """The frames of one composite, read and laid out `READ_CHUNK` frames at a time."""
+    """The frames of one composite, read and laid out `video.CHUNK` frames at a time."""
     count = record["frames"]["count"]
-    readers = [videos.read_chunks(videos.probe(path), list(range(count)), READ_CHUNK) for _, path in edits]
+    readers = [videos.read_chunks(videos.probe(path), list(range(count))) for _, path in edits]
     for source in source_chunks(record):
         rows = [source, *(compose.sized_like(next(reader), source) for reader in readers)]
         yield from layout(list(zip(captions, rows, strict=True)))

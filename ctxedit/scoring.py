@@ -238,7 +238,7 @@ def score_run(
     from ctxedit import video
     from ctxedit.compose import sized_like
     from ctxedit.settings import check_scorer
-    from ctxedit.tuned import READ_CHUNK, load_tuned, source_frames
+    from ctxedit.tuned import load_tuned, source_frames
 
     check_scorer(scorer, scorer_model)
     record = run.require_tuned()
@@ -257,7 +257,7 @@ def score_run(
     results = []
     for path in chosen:
         entry = latest[path]
-        chunks = video.read_chunks(video.probe(Path(path)), list(range(len(source))), READ_CHUNK)
+        chunks = video.read_chunks(video.probe(Path(path)), list(range(len(source))))
         frames = np.concatenate([sized_like(chunk, source) for chunk in chunks])  # at the model's size
         target = parse_target(tuned.sd.tokenizer, tuned.prompt, entry["target"])
         axes = score(frames, source, target, text_score).axes()

@@ -20,8 +20,6 @@ from ctxedit.runs import Run, recorded_model
 from ctxedit.settings import EditSettings, TuneSettings, recorded_settings
 from ctxedit.windows import Windows
 
-READ_CHUNK = 16  # source frames decoded at a time: memory does not grow with the clip or the source's resolution
-
 
 @dataclass
 class Tuned:
@@ -76,10 +74,10 @@ def load_tuned(run: Run, device: str = "auto", precision: str = "auto") -> Tuned
 
 
 def source_chunks(record: dict) -> Iterator[np.ndarray]:
-    """The tuned frames of the source, as the model saw them (processed size), `READ_CHUNK` frames at a time."""
+    """The tuned frames of the source, as the model saw them (processed size), `video.CHUNK` frames at a time."""
     info = videos.probe(Path(record["video"]["path"]))
     size = (record["size"]["width"], record["size"]["height"])
-    for chunk in videos.read_chunks(info, record["frames"]["indices"], READ_CHUNK):
+    for chunk in videos.read_chunks(info, record["frames"]["indices"]):
         yield videos.resize_frames(chunk, size)
 
 

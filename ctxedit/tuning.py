@@ -32,8 +32,6 @@ from ctxedit.runs import Progress, ProgressEvent, Run, recorded_model, versions
 from ctxedit.settings import TuneSettings
 from ctxedit.windows import random_window
 
-ENCODE_CHUNK = 16  # frames read and encoded at a time: memory does not grow with the clip
-
 
 @dataclass
 class TuneLog:
@@ -246,10 +244,10 @@ def _encode_source(
         cache = load_file(str(run.source_path), device=str(sd.device))
         return cache["latents"], cache["text"]
     latents = []
-    for first in range(0, len(indices), ENCODE_CHUNK):  # a chunk of frames in memory at a time
-        frames = videos.resize_frames(videos.read_frames(info, indices[first : first + ENCODE_CHUNK]), size)
-        encoded = (lambda i, _, k=first: progress(ProgressEvent("encode", k + i, len(indices)))) if progress else None
-        latents.append(sd.encode_frames(frames, encoded))
+    for n, chunk in enumerate(videos.read_chunks(info, indices)):  # a chunk of frames in memory at a time
+        done = n * videos.CHUNK
+        encoded = (lambda i, _, k=done: progress(ProgressEvent("encode", k + i, len(indices)))) if progress else None
+        latents.append(sd.encode_frames(videos.resize_frames(chunk, size), encoded))
     latents = torch.cat(latents, dim=1)
     text = sd.encode_text([prompt])
     with atomic_path(run.source_path) as tmp:

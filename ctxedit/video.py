@@ -298,7 +298,10 @@ def read_frames(info: VideoInfo, indices: list[int]) -> np.ndarray:
     return np.stack([pictures[i] for i in indices])
 
 
-def read_chunks(info: VideoInfo, indices: list[int], size: int) -> Iterator[np.ndarray]:
+CHUNK = 16  # frames decoded at a time where a whole clip is read: memory does not grow with the clip
+
+
+def read_chunks(info: VideoInfo, indices: list[int], size: int = CHUNK) -> Iterator[np.ndarray]:
     """The frames at the non-decreasing `indices`, as `read_frames` gives them, `size` at a time from one running
     decoder: memory holds one chunk, and no chunk seeks back to the keyframe before it."""
     pictures, decoded = {}, _pictures(info, sorted(set(indices)))

@@ -300,7 +300,6 @@ def test_source_frames_and_composites_are_read_a_chunk_at_a_time(long_clip, tmp_
     nothing reads the composites when none is asked for."""
     from ctxedit import video
     from ctxedit.settings import OutputSettings
-    from ctxedit.tuned import READ_CHUNK
 
     sizes, real_read, real_chunks = [], video.read_frames, video.read_chunks
     monkeypatch.setattr(video, "read_frames", lambda info, indices: sizes.append(len(indices)) or
@@ -309,7 +308,7 @@ def test_source_frames_and_composites_are_read_a_chunk_at_a_time(long_clip, tmp_
     output = OutputSettings(side_by_side=True, grid=True)
     editing.edit_run(long_clip.run, ["a man is skiing on the moon"], EditSettings(steps=2, candidates=2),
                      out=tmp_path / "edit.mp4", output=output, device="cpu")  # fmt: skip
-    assert sizes and max(sizes) <= READ_CHUNK and sum(sizes) >= 23 * 4  # source twice (scores, composites) and edit
+    assert sizes and max(sizes) <= video.CHUNK and sum(sizes) >= 23 * 4  # source twice (scores, composites) and edit
     for name in ("side-by-side", "grid"):
         assert video.probe(long_clip.run.root / "edits" / f"{name}.mp4").num_frames == 23
     sizes.clear()
