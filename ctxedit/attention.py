@@ -159,6 +159,7 @@ class StepPlan:
 
     first: int  # the first sampled step
     structure: range  # steps whose features (and self-attention) are the source's
+    inside: range  # steps where direct inversion's corrections and the source's features act inside the edit's region
     words: range  # steps where the words shared with the source take the source's cross-attention maps
     reweighting: tuple[float, ...]  # per sampled step, the fraction of the prompt weights that applies
 
@@ -174,6 +175,7 @@ def step_plan(settings: EditSettings) -> StepPlan:
     return StepPlan(
         first=first,
         structure=range(first, first + round(settings.keep_structure * sampled)),
+        inside=range(first, first + round(settings.keep_inside * sampled)),
         words=range(first, first + round(settings.keep_words * sampled)),
         reweighting=tuple(max(0.0, 1 - k / (REWEIGHT_FADE * sampled)) for k in range(sampled)),
     )
@@ -210,6 +212,19 @@ class Reweighting:
         weighed[..., tokens] = cond[..., tokens] * factor
         # Each query keeps its total (1, or what the shared words' source maps make it): only the share moves.
         return torch.cat([maps[:-frames], weighed * (cond.sum(-1, keepdim=True) / weighed.sum(-1, keepdim=True))])
+
+
+def restyled(source: torch.Tensor, own: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """AdaIN: the `source` features (n, c, h, w) with each channel given the mean and standard deviation that `own`
+    has under `weight` (n, 1, h, w): the source's spatial pattern (layout) in the edit's statistics (appearance)."""
+    total = weight.sum((2, 3), keepdim=True).clamp(min=1e-6)
+
+    def statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = (x * weight).sum((2, 3), keepdim=True) / total
+        return mean, ((x - mean).square() * weight).sum((2, 3), keepdim=True).div(total).sqrt()
+
+    (source_mean, source_std), (own_mean, own_std) = statistics(source.float()), statistics(own.float())
+    return ((source.float() - source_mean) / (source_std + 1e-5) * own_std + own_mean).to(source.dtype)
 
 
 def store_bytes(store: dict[tuple[int, str], torch.Tensor]) -> int:
@@ -277,6 +292,9 @@ class Session:
     token_map: torch.Tensor | None = None  # per target token, the source token whose map it takes, -1: its own
     word_maps: WordMaps | None = None
     reweighting: Reweighting | None = None
+    region: torch.Tensor | None = None  # (f, h, w) at the latents' size, 1 where the edit changes the source
+    inside_steps: frozenset[int] = frozenset()  # timesteps where injected features apply inside the region too
+    layout: bool = False  # ...re-normalised there to the edit's own channel statistics (AdaIN)
     store_dtype: torch.dtype = torch.float16  # records are kept at half precision: enough to steer structure
     store_device: torch.device | None = None  # None: where they were computed; "cpu" to offload
 
@@ -314,10 +332,21 @@ class Control:
         return source
 
     def features(self, layer: str, hidden: torch.Tensor) -> torch.Tensor:
+        """The source's features in place of the edit's (`hidden`, (b*f, c, h, w)); inside the session's region only
+        at its inside steps, and there with the edit's own channel statistics when it asks for the layout alone."""
         session = self.session
-        if session and layer in session.plan.features and self.timestep in session.plan.structure_steps:
-            return self._exchange(session, layer, hidden)
-        return hidden
+        if not (session and layer in session.plan.features and self.timestep in session.plan.structure_steps):
+            return hidden
+        source = self._exchange(session, layer, hidden)
+        if session.recording or session.region is None:
+            return source
+        if self.timestep in session.inside_steps and not session.layout:
+            return source
+        region = session.region if self.frames is None else session.region[self.frames]
+        weight = F.adaptive_avg_pool2d(region[:, None].to(hidden), hidden.shape[-2:])  # (f, 1, h, w)
+        weight = weight.repeat(hidden.shape[0] // weight.shape[0], 1, 1, 1)
+        inside = restyled(source, hidden, weight) if self.timestep in session.inside_steps else hidden
+        return weight * inside + (1 - weight) * source  # exactly either where the weight is 0 or 1
 
     def queries_keys(self, layer: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         session = self.session

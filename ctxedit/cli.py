@@ -278,6 +278,27 @@ def edit(
     strength: Annotated[
         float, typer.Option(help="Fraction of the steps inverted and resampled; lower keeps more of the source.")
     ] = EditSettings.strength,
+    keep_inside: Annotated[
+        float,
+        typer.Option(
+            help="Fraction of the sampled steps (the first) during which direct inversion and the source's features "
+            "also hold inside the region the edit changes; after it that region is the edit's own."
+        ),
+    ] = EditSettings.keep_inside,
+    inject: Annotated[
+        str,
+        typer.Option(
+            help="whole (the source's features as they are) | layout (inside the changed region, the source's "
+            "features in the edit's own channel statistics: its layout without its colours)."
+        ),
+    ] = EditSettings.inject,
+    propagate: Annotated[
+        float,
+        typer.Option(
+            help="Share of each pixel's change taken from the pixels it matches in the neighbouring frames of the "
+            "source: the edit follows the source's motion; 0: off."
+        ),
+    ] = EditSettings.propagate,
     realign: Annotated[
         str,
         typer.Option(
@@ -333,7 +354,8 @@ def edit(
     """Edit a tuned run towards one or more target texts; writes one MP4 per target."""
     settings = EditSettings(
         steps=steps, guidance=guidance, inversion_prompt=inversion_prompt, inversion=inversion,
-        keep_structure=keep_structure, keep_words=keep_words, blend=blend, strength=strength, realign=realign,
+        keep_structure=keep_structure, keep_words=keep_words, blend=blend, strength=strength,
+        keep_inside=keep_inside, inject=inject, propagate=propagate, realign=realign,
         candidates=candidates, scorer=scorer, scorer_model=scorer_model, context_scale=context_scale,
         overlap=overlap, checkpoint=checkpoint, eta=eta, seed=seed,
     )  # fmt: skip
@@ -474,7 +496,8 @@ def score(
     precision: PrecisionOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Score a run's edits: text alignment, frame consistency, preservation of the source (higher is better)."""
+    """Score a run's edits: text alignment, frame consistency, preservation of the source (higher is better) and
+    warp error (lower is steadier)."""
     from ctxedit.runs import resolve_run
     from ctxedit.scoring import score_run
 
@@ -482,9 +505,10 @@ def score(
     if json_out:
         _print_json(results)
         return
-    table = Table("edit", f"text ({scorer})", "consistency", "preservation")
+    table = Table("edit", f"text ({scorer})", "consistency", "preservation", "warp error")
     for r in results:
-        table.add_row(r["target"], f"{r['text']:.4f}", f"{r['consistency']:.4f}", f"{r['preservation']:.4f}")
+        cells = (f"{r[axis]:.4f}" for axis in ("text", "consistency", "preservation", "warp_error"))
+        table.add_row(r["target"], *cells)
     out.print(table)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ctxedit import diffusion, outputs, realign
+from ctxedit import coherence, diffusion, outputs, realign
 from ctxedit.attention import (
     Plan,
     Reweighting,
@@ -308,16 +308,28 @@ def edit_latents(
     if blend is not None and source_mask is None:
         layers, latent_size = source.word_maps.layers, source.word_maps.latent_size
         own_maps = WordMaps(layers, latent_size, clip_frames=windows.frames, tokens=target.tokens)
-    strength = step_plan(settings).strength(sampler.timesteps.tolist())
+    timesteps = sampler.timesteps.tolist()
+    steps = step_plan(settings)
     token_map = target.alignment.token_map.to(sd.device)
-    weighing = reweighting(target, settings, source, source_mask, strength)
-    session = Session(source.plan, store=source.store, token_map=token_map, word_maps=own_maps, reweighting=weighing)
+    weighing = reweighting(target, settings, source, source_mask, steps.strength(timesteps))
+    session = Session(
+        source.plan, store=source.store, token_map=token_map, word_maps=own_maps, reweighting=weighing,
+        region=source_mask, inside_steps=frozenset(timesteps[i] for i in steps.inside),
+        layout=settings.inject == "layout",
+    )  # fmt: skip
     start = settings.first_step
 
+    matches = coherence.correspondences(tuned.x0[0]) if settings.propagate else None
+
     def guide(step: int, y: torch.Tensor) -> torch.Tensor:
-        anchor = source.trajectory[step + 1] if source.landings is not None or blend is not None else None
+        needed = source.landings is not None or blend is not None or matches is not None
+        anchor = source.trajectory[step + 1] if needed else None
         if source.landings is not None:
-            y = diffusion.corrected(y, source.landings[step - start], anchor)
+            fixed = diffusion.corrected(y, source.landings[step - start], anchor)
+            free = source_mask is not None and step not in steps.inside  # the region's own, uncorrected, from here
+            y = source_mask[None, :, None] * y + (1 - source_mask[None, :, None]) * fixed if free else fixed
+        if matches is not None:  # the change carried along the source's correspondences
+            y = anchor + coherence.propagate(y - anchor, matches, settings.propagate)
         if blend is not None:
             mask = source_mask if source_mask is not None else blend_mask(session.word_maps.of(blend[1]))
             y = anchor + mask[None, :, None] * (y - anchor)  # outside the mask, the source as it was

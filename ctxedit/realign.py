@@ -48,7 +48,8 @@ def behaviour(settings: EditSettings) -> tuple:
     that come to the same steps)."""
     steps = step_plan(settings)
     seed = settings.seed if settings.eta else None
-    return replace(settings, keep_structure=0.0, keep_words=0.0, candidates=1, seed=seed), steps.structure, steps.words
+    fractions = {"keep_structure": 0.0, "keep_words": 0.0, "keep_inside": 0.0}
+    return replace(settings, **fractions, candidates=1, seed=seed), steps.structure, steps.words, steps.inside
 
 
 def candidate_settings(

@@ -9,7 +9,9 @@ Text alignment has pluggable scorers, each a callable `(frames, text) -> float`:
 - `attention`: no extra model: the UNet's own cross-attention mass on the words the target changes, at late
   (low-noise) timesteps of the edit re-noised.
 Frame consistency and preservation are computed from pixels: how the edit changes from frame to frame against how
-the source does, and how well the edges of each edited frame match the source's.
+the source does, and how well the edges of each edited frame match the source's. Beside them the warp error, the
+video-editing benchmarks' temporal measure (lower is steadier): each edited frame warped onto the next along the
+source's optical flow.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ class Scores:
     text: float
     consistency: float
     preservation: float
+    warp_error: float  # lower is steadier (`warp_error`)
 
     def axes(self) -> dict[str, float]:
-        return {"text": self.text, "consistency": self.consistency, "preservation": self.preservation}
+        return {"text": self.text, "consistency": self.consistency, "preservation": self.preservation,
+                "warp_error": self.warp_error}  # fmt: skip
 
 
 def _grey(frames: np.ndarray) -> np.ndarray:
@@ -52,6 +56,50 @@ def consistency(frames: np.ndarray, source: np.ndarray) -> float:
         return 0.0
     edit, src = _grey(frames), _grey(source)
     return -float(np.abs(np.diff(edit, axis=0) - np.diff(src, axis=0)).mean())
+
+
+WARP_FLOW_SIZE = 256  # the long side optical flow is computed at: a clip's motion, not its fine texture
+
+
+def _flows(grey: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Optical flow (OpenCV's DIS) between neighbouring grey uint8 frames: (forward t -> t+1, backward t+1 -> t),
+    each (h, w, 2) in pixels."""
+    import cv2
+
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    forward = [dis.calc(a, b, None) for a, b in zip(grey[:-1], grey[1:], strict=True)]
+    backward = [dis.calc(b, a, None) for a, b in zip(grey[:-1], grey[1:], strict=True)]
+    return forward, backward
+
+
+def warp_error(frames: np.ndarray, source: np.ndarray) -> float:
+    """The video-editing benchmarks' temporal measure: each edited frame warped along the SOURCE's optical flow onto
+    the next, the mean absolute RGB difference (0-255) to that next frame where the flow is reliable (forward and
+    backward flow agree, i.e. not occluded). Needs no model weights; 0 is an edit that moves exactly as the source;
+    flicker and wobble raise it. Frames (f, h, w, 3) uint8, at the source's size."""
+    import cv2
+
+    if len(frames) < 2:
+        return 0.0
+    scale = min(1.0, WARP_FLOW_SIZE / max(source.shape[1:3]))
+    size = (round(source.shape[2] * scale), round(source.shape[1] * scale))
+    small = lambda clip: np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in clip])  # noqa: E731
+    edit, src = small(frames), small(source)
+    forward, backward = _flows(np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in src]))
+    h, w = edit.shape[1:3]
+    grid = np.stack(np.meshgrid(np.arange(w), np.arange(h)), -1).astype(np.float32)  # (h, w, 2) as (x, y)
+    errors, counted = 0.0, 0
+    for t, (fw, bw) in enumerate(zip(forward, backward, strict=True)):
+        back = grid + bw  # where each pixel of frame t+1 was in frame t
+        warped = cv2.remap(edit[t], back[..., 0], back[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        there = cv2.remap(fw, back[..., 0], back[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        mismatch = np.square(bw + there).sum(-1)  # forward-backward check (Sundaram et al.)
+        reliable = mismatch <= 0.01 * (np.square(bw).sum(-1) + np.square(there).sum(-1)) + 0.5
+        inside = (back[..., 0] >= 0) & (back[..., 0] <= w - 1) & (back[..., 1] >= 0) & (back[..., 1] <= h - 1)
+        keep = reliable & inside
+        errors += float(np.abs(warped.astype(np.float32) - edit[t + 1].astype(np.float32))[keep].sum())
+        counted += int(keep.sum()) * 3
+    return errors / max(counted, 1)
 
 
 def _edges(grey: np.ndarray) -> np.ndarray:
@@ -213,7 +261,8 @@ def text_scorer(kind: str, model_id: str | None, sd, model, windows: Windows | N
 
 
 def score(frames: np.ndarray, source: np.ndarray, target: Target, text_score: TextScorer) -> Scores:
-    return Scores(text_score(frames, target), consistency(frames, source), preservation(frames, source))
+    steadiness = consistency(frames, source), preservation(frames, source), warp_error(frames, source)
+    return Scores(text_score(frames, target), *steadiness)
 
 
 def fused_ranks(candidates: list[dict[str, float]], axes: tuple[str, ...]) -> list[float]:

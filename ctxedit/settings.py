@@ -16,6 +16,7 @@ INVERSION_PROMPTS = ("source", "empty")
 INVERSIONS = ("direct", "plain", "negative")
 BLEND_MODES = ("auto", "off")  # or the words to blend, e.g. "circle" or "man,hat"
 REALIGN_MODES = ("auto", "off")
+INJECTIONS = ("whole", "layout")
 SCORERS = ("attention", "caption", "clip")
 OUTPUT_SIZES = ("processed", "source")
 STEPS = 300  # tuning steps of a clip that fits one window: between the two releases (500 and 200)
@@ -165,6 +166,9 @@ class EditSettings:
     keep_words: float = _stage("source", 0.8)  # ...where shared words take the source's cross-attention
     blend: str = _stage("source", "auto")  # auto: outside the changed words' region the source stays; off; or words
     strength: float = _stage("source", 1.0)  # fraction of the steps inverted and resampled; lower keeps more
+    keep_inside: float = _stage("edit", 0.4)  # inside the changed region, corrections and features for this fraction
+    inject: str = _stage("edit", "layout")  # inside the region, the injected features in the edit's own statistics
+    propagate: float = _stage("edit", 0.15)  # share of each pixel's change taken from its matches in the next frames
     realign: str = _stage("edit", "off")  # auto: the words the target changes get more attention in their region, early
     candidates: int = _stage("edit", 1)  # > 1: that many edits that differ (eta seeds, guidance, structure, ...)
     scorer: str = _stage("edit", "attention")  # text alignment of the candidates: attention | caption | clip
@@ -179,6 +183,7 @@ class EditSettings:
         _choice("--inversion-prompt", self.inversion_prompt, INVERSION_PROMPTS)
         _choice("--inversion", self.inversion, INVERSIONS)
         _choice("--realign", self.realign, REALIGN_MODES)
+        _choice("--inject", self.inject, INJECTIONS)
         check_scorer(self.scorer, self.scorer_model)
         if not 1 <= self.candidates <= 32:
             raise UsageError(f"--candidates must be between 1 and 32, got {self.candidates}")
@@ -192,6 +197,8 @@ class EditSettings:
             raise UsageError(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {self.eta}")
         _fraction("--keep-structure", self.keep_structure)
         _fraction("--keep-words", self.keep_words)
+        _fraction("--keep-inside", self.keep_inside)
+        _fraction("--propagate", self.propagate)
         _fraction("--strength", self.strength, low_open=True)
         if not self.blend_words() and self.blend not in BLEND_MODES:
             raise UsageError(f"--blend takes auto, off or words (e.g. 'circle' or 'man,hat'), got {self.blend!r}")

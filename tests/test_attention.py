@@ -3,6 +3,7 @@ puts the source's features and maps in place, xformers is routed through our pro
 
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from ctxedit.attention import (
     attention_maps,
     blend_mask,
     layer_scale,
+    restyled,
     source_plan,
     stands_out,
     step_plan,
@@ -256,3 +258,53 @@ def test_store_of_sd15_at_512_stays_as_stated():
     assert plan.structure_steps < plan.word_steps  # the first steps of both
     total = 20 * per_step["both"] + 20 * per_step["words only"]
     assert total / 2**20 == pytest.approx(825, abs=1)
+
+
+def test_restyled_features_keep_the_sources_pattern_in_the_edits_channel_statistics():
+    g = torch.Generator().manual_seed(0)
+    source, own = torch.randn(2, 6, 8, 8, generator=g), 3 + 2 * torch.randn(2, 6, 8, 8, generator=g)
+    weight = torch.zeros(2, 1, 8, 8)
+    weight[..., 2:6, 1:5] = 1.0
+    out = restyled(source, own, weight)
+    inside = lambda x: x[..., 2:6, 1:5].flatten(2)  # noqa: E731
+    torch.testing.assert_close(inside(out).mean(-1), inside(own).mean(-1))
+    torch.testing.assert_close(inside(out).std(-1, correction=0), inside(own).std(-1, correction=0), rtol=1e-4, atol=0)
+    pattern = torch.corrcoef(torch.stack([inside(out)[0, 0], inside(source)[0, 0]]))[0, 1]
+    assert pattern == pytest.approx(1.0, abs=1e-5)  # where the source is bright, so is the result
+    torch.testing.assert_close(restyled(source, source, weight), source, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", [False, True])
+def test_injected_features_outside_the_region_are_the_sources_and_inside_the_edits_after_the_inside_steps(
+    model, layout
+):
+    """One step inside `inside_steps` and one after: outside the region the source's features at both; inside it the
+    source's (or its layout in the edit's statistics) at the first, the edit's own at the second."""
+    source, text = inputs(1)
+    edit, other_text = inputs(2)
+    plan = replace(full_plan(model, 500), structure_steps=frozenset({500, 400}), self_attention=())
+    session = Session(plan, recording=True)
+    recorded = {t: output_of_session(model, session, source, t, text) for t in (500, 400)}
+    region = torch.zeros(3, 16, 16)
+    region[:, :8, :8] = 1.0  # the top-left quarter of the latents, and so of every feature map
+    session.recording, session.token_map = False, torch.arange(77)
+    session.region, session.inside_steps, session.layout = region, frozenset({500}), layout
+    own = {t: output_of(model, FEATURE, edit, t, other_text) for t in (500, 400)}
+    size = own[500].shape[-1]
+    corner = torch.zeros(size, size, dtype=torch.bool)
+    corner[: size // 2, : size // 2] = True
+    for t in (500, 400):
+        got = output_of_session(model, session, edit, t, other_text)
+        torch.testing.assert_close(got[..., ~corner], recorded[t][..., ~corner], atol=1e-2, rtol=1e-2)
+        if t == 400:
+            assert torch.equal(got[..., corner], own[t][..., corner])
+        elif layout:
+            expected = restyled(recorded[t], own[t], corner.float().expand(6, 1, -1, -1))
+            torch.testing.assert_close(got[..., corner], expected[..., corner], atol=1e-2, rtol=1e-2)
+        else:
+            torch.testing.assert_close(got[..., corner], recorded[t][..., corner], atol=1e-2, rtol=1e-2)
+
+
+def output_of_session(model: VideoUNet, session: Session, *args) -> torch.Tensor:
+    with model.control.applying(session):
+        return output_of(model, FEATURE, *args)

@@ -182,7 +182,8 @@ def test_candidates_are_scored_the_best_kept_and_all_recorded(skiing, tiny_model
     entry = json.loads((tmp_path / "runs/man-skiing/run.json").read_text())["edits"][-1]
     assert entry["target"] == target and entry["settings"]["candidates"] == 3
     assert [c["changes"] for c in entry["candidates"]] == [{}, {"eta": 0.5, "seed": 34}, {"guidance": 11.25}]
-    assert all(set(c["scores"]) == {"text", "consistency", "preservation"} for c in entry["candidates"])
+    axes = {"text", "consistency", "preservation", "warp_error"}
+    assert all(set(c["scores"]) == axes for c in entry["candidates"])
     chosen = entry["candidates"][entry["chosen"]]
     edit, kept = video.probe(tmp_path / entry["path"]), video.probe(tmp_path / chosen["path"])
     assert np.array_equal(video.read_frames(edit, [0, 3]), video.read_frames(kept, [0, 3]))  # the chosen one
@@ -197,6 +198,7 @@ def test_candidates_are_scored_the_best_kept_and_all_recorded(skiing, tiny_model
     by_clip = json.loads(succeeds("score", entry["path"], "--scorer", "clip", "--scorer-model", clip_model,
                                   "--json").stdout)  # fmt: skip
     assert by_clip[0]["preservation"] == scored[0]["preservation"] and by_clip[0]["text"] != scored[0]["text"]
+    assert by_clip[0]["warp_error"] == scored[0]["warp_error"] >= 0
     record = json.loads((tmp_path / "runs/man-skiing/run.json").read_text())
     assert set(record["edits"][-1]["scores"]) == {"attention", "clip"}
     fails("score", "runs/man-skiing/edits/other.mp4", match="is not an edit recorded in runs/man-skiing")

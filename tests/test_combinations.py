@@ -11,7 +11,7 @@ import torch
 from allpairspy import AllPairs
 
 from ctxedit import editing, video
-from ctxedit.attention import stands_out
+from ctxedit.attention import stands_out, step_plan
 from ctxedit.models.sd import StableDiffusion
 from ctxedit.runs import Run
 from ctxedit.settings import EditSettings, OutputSettings, TuneSettings
@@ -31,6 +31,9 @@ VALUES = {  # every setting that meets the others in an edit, with the values wo
     "keep_words": [0.0, 0.8],
     "blend": ["auto", "off", "man"],
     "strength": [1.0, 0.5],
+    "keep_inside": [1.0, 0.4, 0.0],
+    "inject": ["whole", "layout"],
+    "propagate": [0.0, 0.5],
     "target": list(TARGETS),
     "realign": ["off", "auto"],
     "candidates": [1, 3],
@@ -77,17 +80,26 @@ def controls_on(tuned: Tuned, settings: EditSettings, target: str) -> dict[str, 
     off = {}
     if settings.inversion != "plain":
         off["inversion"] = replace(settings, inversion="plain"), target
-    for name in ("keep_structure", "keep_words", "context_scale", "eta"):
+    for name in ("keep_structure", "keep_words", "context_scale", "eta", "propagate"):
         if getattr(settings, name):
             off[name] = replace(settings, **{name: 0.0}), target
     parsed = editing.target_for(tuned, target, settings)
+    words = parsed.blend
+    if settings.blend != "off" and words and words[0]:  # a region from the source's words: region control acts
+        source = editing.source_pass(tuned, settings)
+        if stands_out(source.word_maps.of(words[0])):
+            steps = step_plan(settings)
+            injected_later = set(steps.structure) - set(steps.inside)
+            if settings.keep_inside < 1 and (settings.inversion == "direct" or injected_later):
+                off["keep_inside"] = replace(settings, keep_inside=1.0), target
+            if settings.inject == "layout" and set(steps.structure) & set(steps.inside):
+                off["inject"] = replace(settings, inject="whole"), target
     if settings.realign == "auto" and set(parsed.changed) - set(parsed.weights):  # words the prompt does not weigh
         off["realign"] = replace(settings, realign="off"), target
     if "(" in target:
         off["weights"] = settings, target.replace("(", "").replace(":2)", "")
     if settings.blend != "off":  # blending applies where the source's words single out a region
         source = editing.source_pass(tuned, settings)
-        words = parsed.blend
         if words and (not words[0] or stands_out(source.word_maps.of(words[0]))):  # or the added words' own maps
             off["blend"] = replace(settings, blend="off"), target
     return off

@@ -18,7 +18,7 @@ from ctxedit.tuned import Tuned, load_tuned
 from ctxedit.tuning import tune_video
 from ctxedit.windows import SpilledSteps, Windows
 
-PLAIN = dict(inversion="plain", keep_structure=0.0, keep_words=0.0, blend="off")
+PLAIN = dict(inversion="plain", keep_structure=0.0, keep_words=0.0, blend="off", propagate=0.0)
 PROMPT = "a man is skiing"
 
 
@@ -238,7 +238,8 @@ OTHER_VALUES = {  # a valid value other than the default, for every edit setting
     "blend": {"blend": "off"}, "strength": {"strength": 0.5}, "realign": {"realign": "auto"},
     "candidates": {"candidates": 2}, "scorer": {"scorer": "clip", "scorer_model": "m"},
     "scorer_model": {"scorer_model": "m"}, "context_scale": {"context_scale": 0.5}, "overlap": {"overlap": 1},
-    "checkpoint": {"checkpoint": 2}, "eta": {"eta": 0.3}, "seed": {"seed": 5},
+    "checkpoint": {"checkpoint": 2}, "eta": {"eta": 0.3}, "seed": {"seed": 5}, "keep_inside": {"keep_inside": 1.0},
+    "inject": {"inject": "whole"}, "propagate": {"propagate": 0.0},
 }  # fmt: skip
 
 
@@ -262,7 +263,8 @@ def test_cache_keys_come_from_each_settings_declared_stage(tuned):
     # The edit's own settings leave the source pass as it was (computed afresh, not cached).
     settings = EditSettings(steps=3)
     landings = editing.source_pass(tuned, settings).landings
-    again = editing.source_pass(tuned, replace(settings, eta=0.5, seed=3, realign="auto", candidates=2)).landings
+    edit_only = dict(eta=0.5, seed=3, realign="auto", candidates=2, keep_inside=0.0, inject="whole", propagate=0.5)
+    again = editing.source_pass(tuned, replace(settings, **edit_only)).landings
     assert torch.equal(landings, again)
 
 
@@ -326,7 +328,7 @@ def test_each_candidates_scores_are_its_own_whatever_order_they_are_made_in(tune
         settings, real_edit(t, s, target, settings, *a)))  # fmt: skip
     brightness = lambda frames: float(frames.astype(float).mean())  # noqa: E731 - a score that tells frames apart
     monkeypatch.setattr(realign.Reranker, "score", lambda self, target, settings, frames: Scores(
-        brightness(frames), brightness(frames), 0.0))  # fmt: skip
+        brightness(frames), brightness(frames), 0.0, 0.0))  # fmt: skip
     settings = EditSettings(steps=2, guidance=5.0, candidates=6)
     path = tmp_path / "edit.mp4"
     editing.render_edits(tuned, [editing.EditRequest("a man is skiing on the moon", settings, path)])
@@ -336,3 +338,33 @@ def test_each_candidates_scores_are_its_own_whatever_order_they_are_made_in(tune
         assert candidate["scores"]["text"] == brightness(tuned.sd.decode_latents(made[option]))
     best = max(range(6), key=lambda k: entry["candidates"][k]["scores"]["consistency"])
     assert entry["chosen"] == best
+
+
+def test_region_control_at_its_off_values_is_the_old_path_bit_for_bit(shapes, monkeypatch):
+    """--keep-inside 1 --inject whole --propagate 0: exactly the edit that knows no region (the code before them)."""
+    tuned, _ = shapes
+    settings = EditSettings(steps=6, guidance=5.0, keep_inside=1.0, inject="whole", propagate=0.0)
+    source = editing.source_pass(tuned, settings)
+    target = CLIP.edited(1, colour="yellow").caption
+    edited = editing.edit_latents(tuned, source, target, settings)
+    real = editing.Session
+    monkeypatch.setattr(editing, "Session", lambda *args, region=None, **kwargs: real(*args, **kwargs))
+    assert torch.equal(edited, editing.edit_latents(tuned, source, target, settings))
+
+
+@pytest.mark.parametrize("change", [{"keep_inside": 0.0}, {"inject": "layout"}, {"propagate": 0.5}])
+def test_region_controls_change_only_the_region_and_keep_the_reconstruction_exact(shapes, change):
+    """Each control changes the edit inside the changed words' region and nothing outside it (blending keeps the
+    source there); the source's own caption still gives the source back exactly."""
+    tuned, masks = shapes
+    base = EditSettings(steps=6, guidance=5.0, keep_inside=1.0, inject="whole", propagate=0.0)
+    settings = replace(base, **change)
+    source = editing.source_pass(tuned, settings)
+    target = editing.target_for(tuned, CLIP.edited(1, colour="yellow").caption, settings)
+    region = blend_mask(source.word_maps.of(target.blend[0])) > 0  # (f, 16, 16)
+    square = latent_masks(masks, 1)
+    assert (region & square).sum() / square.sum() > 0.9  # the region covers the edited object
+    before, after = (editing.edit_latents(tuned, source, target, s)[0] for s in (base, settings))
+    assert torch.equal(before.permute(1, 0, 2, 3)[:, ~region], after.permute(1, 0, 2, 3)[:, ~region])
+    assert (before - after).abs().amax() > 1e-3
+    assert (editing.edit_latents(tuned, source, CLIP.caption, settings) - tuned.x0).abs().max() < 1e-4

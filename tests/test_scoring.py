@@ -90,7 +90,7 @@ def test_attention_mass_is_a_share_of_the_words(tiny_model, source):
 
 
 def test_ranks_are_fused_and_candidates_differ():
-    scores = [Scores(0.5, -0.1, 0.9), Scores(0.7, -0.2, 0.8), Scores(0.7, -0.1, 0.95)]
+    scores = [Scores(0.5, -0.1, 0.9, 1.0), Scores(0.7, -0.2, 0.8, 2.0), Scores(0.7, -0.1, 0.95, 1.0)]
     assert scoring.fused_ranks([s.axes() for s in scores], ("text",)) == [2.0, 0.5, 0.5]  # a tie shares its ranks
     assert realign.best_candidate(scores, ("text", "preservation")) == 2
     assert realign.best_candidate(scores) == 2  # by consistency and preservation: as steady as 0, better kept
@@ -118,3 +118,26 @@ def test_every_candidate_acts_differently(change):
     assert options[0] == replace(settings, candidates=1) and all(o.candidates == 1 for o in options)
     assert all(0.5 * settings.guidance <= o.guidance <= 2.5 * settings.guidance for o in options)
     assert all(o.context_scale <= 2 * settings.context_scale for o in options)
+
+
+def wobbled(clip: Clip, amplitude: float, seed: int = 0) -> np.ndarray:
+    """The clip with each object shaken off its path by up to `amplitude` pixels, frame by frame."""
+    rng = np.random.default_rng(seed)
+    offsets = rng.uniform(-amplitude, amplitude, (clip.frames, 2))
+    frames = []
+    for f in range(clip.frames):
+        objects = tuple(replace(o, start=(o.centre(f)[0] + offsets[f, 0], o.centre(f)[1] + offsets[f, 1]),
+                                motion="still") for o in clip.objects)  # fmt: skip
+        frames.append(replace(clip, objects=objects, frames=1).render()[0][0])
+    return np.stack(frames)
+
+
+def test_warp_error_rises_with_wobble_and_flicker_but_not_with_a_steady_recolouring(source):
+    own = scoring.warp_error(source, source)
+    recoloured = scoring.warp_error(CLIP.edited(0, colour="green", shape="triangle").render()[0], source)
+    shaken = [scoring.warp_error(wobbled(CLIP, amplitude), source) for amplitude in (1.0, 2.0, 4.0)]
+    flicker = np.clip(source.astype(int) + np.array([0, 30] * 4)[:, None, None, None], 0, 255).astype(np.uint8)
+    assert own < 1.0 and recoloured < 1.0  # the edit moves as the source does (0.50 and 0.46)
+    assert 1.5 < shaken[0] < shaken[1] < shaken[2]  # 1.9, 3.4, 6.2
+    assert scoring.warp_error(flicker, source) > 10
+    assert scoring.warp_error(source[:1], source[:1]) == 0.0
