@@ -231,14 +231,16 @@ def run_batch(
 
 
 def _edit_block(entry: dict, video: Path, root: Path, strip: Path | None, run_seed: int) -> list[str]:
-    settings = entry["settings"]
+    settings = recorded_settings(EditSettings, entry["settings"])
     seed = settings["seed"] if settings["seed"] is not None else f"{run_seed} (the run's)"
     files = [video, *([video.with_suffix(".gif")] if entry["gif"] else [])]
     files = " · ".join(f"[{p.suffix[1:]}]({os.path.relpath(p, root)})" for p in files)
     lines = [
         f"**{entry['target']}** — guidance {settings['guidance']}, {settings['steps']} steps, {settings['inversion']} "
         f"inversion ({settings['inversion_prompt']} prompt), structure {settings['keep_structure']}, words "
-        f"{settings['keep_words']}, blend {settings['blend']}, strength {settings['strength']}, eta {settings['eta']}, "
+        f"{settings['keep_words']}, blend {settings['blend']}, inside {settings['keep_inside']} "
+        f"({settings['inject']}), propagation {settings['propagate']}, strength {settings['strength']}, eta "
+        f"{settings['eta']}, "
         f"seed {seed}; {entry['width']}x{entry['height']} "
         f"at {entry['fps']:.4g} fps; {entry['seconds']:.1f} s — {files}",
         "",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 SEARCH_RADIUS = 2  # latent pixels a match may be from the same place in the neighbouring frame
+CHUNK = 16  # frames matched at once
 DISTANCE_COST = 0.05  # per squared latent pixel of offset, against the features' squared distance: ties go near
 
 
@@ -30,12 +31,14 @@ def correspondences(features: torch.Tensor, radius: int = SEARCH_RADIUS) -> torc
     candidates = to_y.clamp(0, h - 1) * w + to_x.clamp(0, w - 1)  # (size^2, h*w)
     flat = unit.flatten(2)  # (f, c, h*w)
     distance = DISTANCE_COST * offsets.square().sum(0)[:, None].float()  # (size^2, 1)
-    matches = []
-    for neighbours in neighbour_frames(f):
-        there = flat[neighbours][:, :, candidates]  # (f, c, size^2, h*w)
-        cost = ((there - flat[:, :, None]).square().sum(1) + distance).masked_fill(outside, float("inf"))
-        matches.append(torch.gather(candidates, 0, cost.argmin(1)))  # (f, h*w): the best candidate of each pixel
-    return torch.stack(matches, 1)
+    matches = torch.empty(f, 2, h * w, dtype=torch.long, device=features.device)
+    for side, neighbours in enumerate(neighbour_frames(f)):
+        for start in range(0, f, CHUNK):  # a few frames at a time: the costs of a long clip would not fit
+            frames = slice(start, start + CHUNK)
+            there = flat[neighbours[frames]][:, :, candidates]  # (frames, c, size^2, h*w)
+            cost = ((there - flat[frames, :, None]).square().sum(1) + distance).masked_fill(outside, float("inf"))
+            matches[frames, side] = torch.gather(candidates, 0, cost.argmin(1))  # each pixel's best candidate
+    return matches
 
 
 def neighbour_frames(f: int) -> tuple[list[int], list[int]]:

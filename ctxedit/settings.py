@@ -60,8 +60,9 @@ def _at_least(flag: str, value: float, low: float) -> None:
 
 
 def recorded_settings(cls: type, values: dict) -> dict:
-    """Settings as recorded, with the defaults of the settings `cls` gained since."""
-    return {f.name: values.get(f.name, f.default) for f in fields(cls)}
+    """Settings as recorded; a setting `cls` gained since is what the recorded run did without it (its `before`
+    metadata: the value of the old behaviour), else its default."""
+    return {f.name: values.get(f.name, f.metadata.get("before", f.default)) for f in fields(cls)}
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,10 @@ def _fraction(flag: str, value: float, low_open: bool = False) -> None:
 STAGES = ("inversion", "source", "edit")  # what an edit setting changes: each stage depends on those before it
 
 
-def _stage(stage: str, default: object = None):
-    """A setting that the edit's `stage` and every later one depend on (`EditSettings.depending`)."""
-    return field(default=default, metadata={"stage": stage})
+def _stage(stage: str, default: object = None, before: object = None):
+    """A setting that the edit's `stage` and every later one depend on (`EditSettings.depending`); `before`: the
+    value that acts as edits did before the setting existed, for their records (`recorded_settings`)."""
+    return field(default=default, metadata={"stage": stage} | ({"before": before} if before is not None else {}))
 
 
 @dataclass(frozen=True)
@@ -166,9 +168,9 @@ class EditSettings:
     keep_words: float = _stage("source", 0.8)  # ...where shared words take the source's cross-attention
     blend: str = _stage("source", "auto")  # auto: outside the changed words' region the source stays; off; or words
     strength: float = _stage("source", 1.0)  # fraction of the steps inverted and resampled; lower keeps more
-    keep_inside: float = _stage("edit", 0.4)  # inside the changed region, corrections and features for this fraction
-    inject: str = _stage("edit", "layout")  # inside the region, the injected features in the edit's own statistics
-    propagate: float = _stage("edit", 0.15)  # share of each pixel's change taken from its matches in the next frames
+    keep_inside: float = _stage("edit", 0.4, 1.0)  # inside the changed region, corrections and features this long
+    inject: str = _stage("edit", "layout", "whole")  # inside the region, the injected features in the edit's statistics
+    propagate: float = _stage("edit", 0.15, 0.0)  # share of each pixel's change taken from its matches in next frames
     realign: str = _stage("edit", "off")  # auto: the words the target changes get more attention in their region, early
     candidates: int = _stage("edit", 1)  # > 1: that many edits that differ (eta seeds, guidance, structure, ...)
     scorer: str = _stage("edit", "attention")  # text alignment of the candidates: attention | caption | clip

@@ -37,3 +37,12 @@ def test_propagation_is_the_identity_at_zero_and_steadies_a_flickering_change():
     flicker = torch.ones(1, 6, 4, 12, 12) * torch.tensor([1.0, -1.0] * 3)[None, :, None, None, None]
     calmer = propagate(flicker, matches, 0.5)
     assert calmer.diff(dim=1).abs().mean() < 0.5 * flicker.diff(dim=1).abs().mean()
+
+
+def test_a_long_clip_is_matched_a_few_frames_at_a_time_as_at_once(monkeypatch):
+    from ctxedit import coherence
+
+    features = torch.randn(40, 4, 10, 10, generator=torch.Generator().manual_seed(1))
+    chunked = correspondences(features)
+    monkeypatch.setattr(coherence, "CHUNK", 1000)
+    assert torch.equal(chunked, correspondences(features))

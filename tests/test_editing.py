@@ -368,3 +368,13 @@ def test_region_controls_change_only_the_region_and_keep_the_reconstruction_exac
     assert torch.equal(before.permute(1, 0, 2, 3)[:, ~region], after.permute(1, 0, 2, 3)[:, ~region])
     assert (before - after).abs().amax() > 1e-3
     assert (editing.edit_latents(tuned, source, CLIP.caption, settings) - tuned.x0).abs().max() < 1e-4
+
+
+def test_an_edit_recorded_before_a_setting_existed_reads_as_what_it_did():
+    """Batch compares a preset with the recorded edits: an edit made before region control reads as region control
+    off (so the new defaults make it again), not as today's defaults."""
+    from ctxedit.settings import recorded_settings
+
+    old = {k: v for k, v in EditSettings().to_dict().items() if k not in ("keep_inside", "inject", "propagate")}
+    then = EditSettings(keep_inside=1.0, inject="whole", propagate=0.0).to_dict()
+    assert recorded_settings(EditSettings, old) == then != EditSettings().to_dict()
