@@ -105,6 +105,9 @@ def test_tune_then_edit(skiing, tiny_model, tmp_path):
         ("--inversion", "null-text", "unknown --inversion 'null-text'; choose one of direct, plain, negative"),
         ("--blend", ",", "--blend takes auto, off or words"),
         ("--eta", "1.5", "--eta must be between 0 (deterministic) and 1 (DDPM-like), got 1.5"),
+        ("--keep-inside", "2", "--keep-inside must be a fraction in [0, 1], got 2.0"),
+        ("--inject", "colour", "unknown --inject 'colour'; choose one of whole, layout"),
+        ("--propagate", "-1", "--propagate must be a fraction in [0, 1], got -1.0"),
     )
     for flag, value, match in bad:
         fails("edit", "--target", "a dog", flag, value, match=match, code=2)
