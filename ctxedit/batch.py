@@ -82,8 +82,7 @@ def tuning_plan(run: Run, job: Job, video_sha: str, overwrite: bool) -> str:
         return "tune"
     record = run.read_record()
     differences = job.tune.differences(record)
-    if record["model"]["id"] != job.model:
-        differences.append(f"model: {record['model']['id']!r} -> {job.model!r}")
+    differences += job.model.differences(record)
     if record["video"]["sha256"] != video_sha:
         differences.append(f"video: {job.video} has changed")
     if differences and not overwrite:

@@ -145,9 +145,34 @@ def tune(
     model: Annotated[
         str,
         typer.Option(
-            help=f"Hub id or local diffusers folder. \\[default: $CTXEDIT_MODEL or {DEFAULT_MODEL}]", show_default=False
+            help="Hub id, local diffusers folder or one .safetensors checkpoint (SD 1.x or 2.x). "
+            f"\\[default: $CTXEDIT_MODEL or {DEFAULT_MODEL}]",
+            show_default=False,
         ),
     ] = "",
+    model_config: Annotated[
+        str | None,
+        typer.Option(
+            help="Architecture of a single-file --model: sd-v1, sd-v2-base (512, epsilon), sd-v2-768-v or a diffusers "
+            "folder. \\[default: from its keys; SD 2.x files: sd-v2-768-v]",
+            show_default=False,
+        ),
+    ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="LoRA file (diffusers/peft or kohya), FILE or FILE:SCALE (e.g. style.safetensors:0.7); repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    embedding: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Textual-inversion embedding, FILE or FILE:TOKEN; its token can be used in the prompt and targets. "
+            "Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
     run: Annotated[
         str, typer.Option("--run", help="Run directory. \\[default: runs/<video name>]", show_default=False)
     ] = "",
@@ -174,7 +199,8 @@ def tune(
         int, typer.Option(help="Frames the model sees at once; longer clips are tuned and edited in windows.")
     ] = TuneSettings.window,
     size: Annotated[
-        int, typer.Option(help="Short side in pixels (rounded to the model's multiple).")
+        str,
+        typer.Option(help="Short side in pixels (rounded to the model's multiple), or 'auto': the model's native one."),
     ] = TuneSettings.size,
     crop: Annotated[str, typer.Option(help="none (keep aspect ratio) | center (square).")] = TuneSettings.crop,
     steps: Annotated[
@@ -219,8 +245,16 @@ def tune(
         adapter_lr=adapter_lr, context=context, context_scale=context_scale, adapter=adapter, seed=seed,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
     )  # fmt: skip
+    from ctxedit.models.embeddings import Embedding
+    from ctxedit.models.lora import Lora
+    from ctxedit.models.spec import ModelSpec
     from ctxedit.runs import Run, default_run
     from ctxedit.tuning import tune_video
+
+    weights = ModelSpec(
+        model or default_model(), model_config, loras=tuple(map(Lora.parse, lora or ())),
+        embeddings=tuple(map(Embedding.parse, embedding or ())),
+    )  # fmt: skip
 
     if device == "auto" and not _has_cuda():
         err.print(
@@ -229,9 +263,7 @@ def tune(
         )
     run_dir = Run(Path(run)) if run else default_run(video)
     with ProgressBars(quiet=json_out) as bars:
-        result = tune_video(
-            video, settings, run_dir, model or default_model(), device, precision, resume, overwrite, progress=bars
-        )
+        result = tune_video(video, settings, run_dir, weights, device, precision, resume, overwrite, progress=bars)
     if json_out:
         _print_json(asdict(result))
     else:
@@ -321,6 +353,13 @@ def edit(
     context_scale: Annotated[
         float, typer.Option(help="Times the tuned context shift, in inversion and sampling.")
     ] = EditSettings.context_scale,
+    lora_scale: Annotated[
+        str | None,
+        typer.Option(
+            help="Scale of the run's LoRAs: one for all, or one per LoRA (e.g. 0.5,1). \\[default: as tuned]",
+            show_default=False,
+        ),
+    ] = None,
     overlap: Annotated[
         int, typer.Option(help="Frames shared by neighbouring windows of a clip longer than the tuned --window.")
     ] = EditSettings.overlap,
@@ -357,7 +396,7 @@ def edit(
         keep_structure=keep_structure, keep_words=keep_words, blend=blend, strength=strength,
         keep_inside=keep_inside, inject=inject, propagate=propagate, realign=realign,
         candidates=candidates, scorer=scorer, scorer_model=scorer_model, context_scale=context_scale,
-        overlap=overlap, checkpoint=checkpoint, eta=eta, seed=seed,
+        lora_scale=lora_scale, overlap=overlap, checkpoint=checkpoint, eta=eta, seed=seed,
     )  # fmt: skip
     output = OutputSettings(
         size=output_size, fps=fps, gif=gif, side_by_side=side_by_side, grid=grid, keep_candidates=keep_candidates

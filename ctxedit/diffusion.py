@@ -9,8 +9,13 @@ Notation (name in code -> ContextDiff / METHOD.md sections 4-5):
 
 The loops carry y and take the stock diffusers step on it, so the y-trajectory is exact DDIM whatever the
 context does; the context acts only through what the model sees (METHOD.md section 5, correction). With no
-context every loop is the stock scheduler's, bit for bit. The model is a plain callable `model(x, t) -> eps`;
-the loops never see a UNet (k-diffusion style).
+context every loop is the stock scheduler's, bit for bit. The model is a plain callable `model(x, t)` that
+predicts what the scheduler's `prediction_type` says (eps, or v for SD 2.x 768-v); the loops never see a UNet
+(k-diffusion style).
+
+v-prediction (v = √ā ε - √(1-ā) x0, of the ordinary latent y: the shift does not enter it) is converted here and
+nowhere else: `training_target` for tuning's loss, and inversion's `inversion_epsilon`. Sampling takes the stock
+v step on y, which is exact.
 """
 
 from __future__ import annotations
@@ -99,6 +104,32 @@ def inversion_alphas(scheduler: DDIMInverseScheduler, t: int) -> tuple[torch.Ten
     return alpha_cur, scheduler.alphas_cumprod[t]
 
 
+def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_prod: torch.Tensor, prediction: str) -> torch.Tensor:
+    """What the model learns to predict at alphā for clean latents x0 and noise: eps, or v = √ā ε - √(1-ā) x0."""
+    if prediction == "epsilon":
+        return noise
+    alpha_prod = alpha_prod.to(x0.device, x0.dtype)
+    return alpha_prod.sqrt() * noise - (1 - alpha_prod).sqrt() * x0
+
+
+def inversion_epsilon(
+    v: torch.Tensor, y: torch.Tensor, alpha_cur: torch.Tensor, alpha_next: torch.Tensor
+) -> torch.Tensor:
+    """The eps of an inversion step from y (at alphā_cur) that a v-model predicted: the eps that sampling will
+    see back at the step's end, √ā_n v + √(1-ā_n) y_next, solved with DDIM's y_next = f(y, eps). So a model whose
+    prediction does not move inverts exactly, as a constant eps-model does (the stock inverse converts at ā_cur,
+    which loses O(step²) at every step)."""
+    a_cur, a_next = (a.to(y.device, y.dtype) for a in (alpha_cur, alpha_next))
+    across = (a_next * a_cur).sqrt() + ((1 - a_next) * (1 - a_cur)).sqrt()  # cos of the step's angle
+    return (a_cur.sqrt() * v + (1 - a_next).sqrt() * y) / across
+
+
+def _epsilon_twin(scheduler: DDIMInverseScheduler) -> DDIMInverseScheduler:
+    twin = DDIMInverseScheduler.from_config(scheduler.config, prediction_type="epsilon")
+    twin.set_timesteps(scheduler.num_inference_steps, device=scheduler.timesteps.device)
+    return twin
+
+
 def invert(
     model: Model,
     x0: torch.Tensor,
@@ -108,16 +139,21 @@ def invert(
     callback: Callback | None = None,
     out: Steps | None = None,
 ) -> Steps:
-    """Contextual DDIM inversion of clean latents x0 with a fixed context r (Tune-A-Video's next-step rule).
+    """Contextual DDIM inversion of clean latents x0 with a fixed context r (Tune-A-Video's next-step rule; a
+    v-model's output converted by `inversion_epsilon`).
 
     Returns the ordinary trajectory (steps + 1, *x0.shape), noisiest first: [y_T, ..., y_0 = x0], so that
     entry i is where sampling step i starts; kept in `out` when given. Clean latents carry no shift."""
     timesteps = scheduler.timesteps.tolist()
     trajectory = out if out is not None else x0.new_empty(len(timesteps) + 1, *x0.shape)
     y = trajectory[len(timesteps)] = x0
+    v_model = scheduler.config.prediction_type == "v_prediction"
+    stepper = _epsilon_twin(scheduler) if v_model else scheduler
     for i, t in enumerate(timesteps):
-        alpha_cur, _ = inversion_alphas(scheduler, t)
-        y = scheduler.step(model(shift.shifted(y, alpha_cur, context), t), t, y).prev_sample
+        alpha_cur, alpha_next = inversion_alphas(scheduler, t)
+        output = model(shift.shifted(y, alpha_cur, context), t)
+        eps = inversion_epsilon(output, y, alpha_cur, alpha_next) if v_model else output
+        y = stepper.step(eps, t, y).prev_sample
         trajectory[len(timesteps) - 1 - i] = y
         if callback:
             callback(i + 1, len(timesteps))

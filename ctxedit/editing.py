@@ -216,7 +216,7 @@ class SourcePass:
 def source_pass(tuned: Tuned, settings: EditSettings, progress: Progress | None = None) -> SourcePass:
     """Invert the source (or load it), then, if the settings use any, walk its trajectory once with the source
     prompt guided like the edits: direct inversion's landings, the records to inject, the word maps."""
-    tuned.use_weights(settings.checkpoint)
+    tuned.use(settings)
     trajectory, cached = invert_source(tuned, settings, progress)
     sampler, _ = schedulers(tuned, settings.steps)
     source_tokens = len(token_ids(tuned.sd.tokenizer, tuned.prompt))
@@ -292,7 +292,7 @@ def edit_latents(
     by the source pass; progress events carry `label` (default: the target's text)."""
     sd = tuned.sd
     target = target_for(tuned, target, settings) if isinstance(target, str) else target
-    tuned.use_weights(settings.checkpoint)
+    tuned.use(settings)
     sampler, _ = schedulers(tuned, settings.steps)
     text = sd.encode_text([target.text])
     generator = torch.Generator(sd.device).manual_seed(settings.seed if settings.seed is not None else tuned.seed)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ctxedit.errors import RunError
+from ctxedit.errors import ModelError, RunError
 
 TEMPORARY = ".tmp-"  # atomic_path writes .<stem>.tmp-<pid><suffix> beside the destination
 
@@ -82,3 +82,16 @@ def remove_temporaries(folder: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def verified_sha256(path: Path, expected: str | None, what: str) -> str:
+    """The sha256 of `path`; with `expected` (what a run recorded), a ModelError unless it is still that file."""
+    if not path.is_file():
+        raise ModelError(f"{what} {path} is missing; the run was tuned with it: put it back or tune again")
+    digest = sha256_of(path)
+    if expected is not None and digest != expected:
+        raise ModelError(
+            f"{what} {path} has changed since the run was tuned (sha256 {digest[:12]}..., was {expected[:12]}...); "
+            "put the original back or tune again"
+        )
+    return digest

@@ -2,7 +2,8 @@
 before anything runs. Every error names the file, the job and the key.
 
     defaults:                        # optional; applies to every job, a job's own values win key by key
-      model: ../samples/toy-sd       # hub id or local folder (relative to this file)
+      model: ../samples/toy-sd       # hub id, local folder or .safetensors file (relative to this file)
+      lora: [style.safetensors:0.7]  # optional: LoRAs (FILE[:SCALE]), embeddings (FILE[:TOKEN]), model_config
       tune: {steps: 150, size: 64}   # TuneSettings fields (all but prompt)
       edit: {guidance: 5.0}          # EditSettings fields
       output: {size: source, side_by_side: true}   # OutputSettings fields
@@ -10,7 +11,7 @@ before anything runs. Every error names the file, the job and the key.
       - name: skiing                 # the run folder's name, unique in the file [default: the video's name]
         video: ../samples/man-skiing.mp4   # relative to this file
         prompt: a man is skiing
-        tune: {steps: 300}           # model, tune, edit and output may be given per job too
+        tune: {steps: 300}           # model (and its keys), tune, edit and output may be given per job too
         edits:
           - spider man is skiing on the beach, cartoon style
           - {target: wonder woman is skiing, guidance: 10, seed: 1, name: wonder-woman}
@@ -21,15 +22,19 @@ from __future__ import annotations
 import os
 import re
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ctxedit.errors import UsageError
+from ctxedit.models.embeddings import Embedding
+from ctxedit.models.lora import Lora
+from ctxedit.models.spec import ModelSpec
 from ctxedit.runs import slugify
 from ctxedit.settings import EditSettings, OutputSettings, TuneSettings, default_model
 
 SECTIONS = {"tune": TuneSettings, "edit": EditSettings, "output": OutputSettings}
-JOB_KEYS = ("name", "video", "prompt", "model", *SECTIONS, "edits")
+MODEL_KEYS = ("model", "model_config", "lora", "embedding")
+JOB_KEYS = ("name", "video", "prompt", *MODEL_KEYS, *SECTIONS, "edits")
 EDIT_KEYS = ("target", "name", *(f.name for f in fields(EditSettings)))
 NAME = re.compile(r"[\w][\w.-]*")
 
@@ -46,7 +51,7 @@ class Job:
     preset: Path
     name: str
     video: Path
-    model: str  # hub id, or the absolute path of a local folder
+    model: ModelSpec  # hub id, or the absolute path of a local folder or file; LoRAs and embeddings absolute too
     tune: TuneSettings
     output: OutputSettings
     edits: tuple[EditSpec, ...]
@@ -117,15 +122,30 @@ def _path(base: Path, value: str) -> Path:
     return (base / Path(value).expanduser()).resolve()
 
 
-def _model(where: str, base: Path, value: object) -> str:
-    """A hub id as given, or a local folder made absolute (a path is anything that exists or looks like one)."""
-    value = _text(where, value)
-    folder = _path(base, value)
-    if value.startswith((".", "/", "~")) or folder.exists():
-        if not folder.is_dir():
-            _fail(where, f"model folder {folder} does not exist")
-        return str(folder)
-    return value
+def _model(where: str, base: Path, raw: dict, defaults: dict) -> ModelSpec:
+    """The job's model: a hub id as given, or a local folder or file made absolute (a path is anything that exists
+    or looks like one), with its LoRAs and embeddings (FILE or FILE:SCALE / FILE:TOKEN, made absolute)."""
+    value = _text(f"{where}: model", raw.get("model", defaults.get("model", default_model())))
+    path = _path(base, value)
+    if value.startswith((".", "/", "~")) or path.exists():
+        if not path.exists():
+            _fail(f"{where}: model", f"{path} does not exist")
+        value = str(path)
+    config = raw.get("model_config", defaults.get("model_config"))
+    if config is not None and _path(base, _text(f"{where}: model_config", config)).is_dir():
+        config = str(_path(base, config))
+    files = {}
+    for key, parse in (("lora", Lora.parse), ("embedding", Embedding.parse)):
+        entries = raw.get(key, defaults.get(key)) or []
+        if not isinstance(entries, list):
+            _fail(f"{where}: {key}", "expected a list of files (FILE, or FILE:SCALE / FILE:TOKEN)")
+        files[key] = [parse(_text(f"{where}: {key}", entry)) for entry in entries]
+        for entry in files[key]:
+            if not _path(base, entry.path).is_file():
+                _fail(f"{where}: {key}", f"{_path(base, entry.path)} does not exist")
+    loras = tuple(replace(lora, path=str(_path(base, lora.path))) for lora in files["lora"])
+    embeddings = tuple(replace(e, path=str(_path(base, e.path))) for e in files["embedding"])
+    return ModelSpec(value, config, loras=loras, embeddings=embeddings)
 
 
 def _video(where: str, base: Path, value: object) -> Path:
@@ -173,7 +193,7 @@ def _job(path: Path, index: int, raw: object, defaults: dict) -> Job:
     for key in SECTIONS:
         own = _mapping(f"{where}: {key}", raw.get(key) or {}, [f.name for f in fields(SECTIONS[key])])
         sections[key] = (defaults.get(key) or {}) | own
-    model = _model(f"{where}: model", base, raw.get("model", defaults.get("model", default_model())))
+    model = _model(where, base, raw, defaults)
     prompt = _text(f"{where}: prompt", raw.get("prompt"))
     return Job(
         preset=path,
@@ -198,7 +218,7 @@ def load_preset(path: Path) -> list[Job]:
     if data is None:
         _fail(str(path), "the file is empty; a preset needs a 'jobs' list (see presets/ for examples)")
     data = _mapping(str(path), data, ("defaults", "jobs"))
-    defaults = _mapping(f"{path}: defaults", data.get("defaults") or {}, ("model", *SECTIONS))
+    defaults = _mapping(f"{path}: defaults", data.get("defaults") or {}, (*MODEL_KEYS, *SECTIONS))
     for key in SECTIONS:
         _mapping(f"{path}: defaults: {key}", defaults.get(key) or {}, [f.name for f in fields(SECTIONS[key])])
     jobs = data.get("jobs")

@@ -128,7 +128,7 @@ class Reranker:
     def score(self, target: Target, settings: EditSettings, frames: np.ndarray) -> Scores:
         """The scores of one candidate's frames of an edit towards `target` with the user's `settings`."""
         tuned = self.tuned
-        tuned.use_weights(settings.checkpoint)  # the attention scorer runs the UNet: the parameters asked for
+        tuned.use(settings)  # the attention scorer runs the UNet: the parameters asked for
         key = (settings.scorer, settings.scorer_model)
         if key not in self.scorers:
             self.scorers[key] = scoring.text_scorer(*key, tuned.sd, tuned.model, tuned.windows(0))

@@ -134,12 +134,6 @@ def resolve_run(spec: str | None) -> Run:
     return Run(records[-1].parent)
 
 
-def recorded_model(record: dict) -> str:
-    """The model a run was tuned with: its folder while that is still there (same weights), else its id."""
-    model = record["model"]
-    return model["path"] if Path(model["path"]).exists() else model["id"]
-
-
 def versions() -> dict[str, str]:
     import diffusers
     import torch

@@ -74,7 +74,7 @@ class TuneSettings:
     from_time: float | str | None = None  # --from: where the selection starts, seconds or [h:]mm:ss (not with start)
     to_time: float | str | None = None  # --to: where it ends (exclusive); None: the end of the video
     window: int = 8  # frames the model sees at once; longer selections are tuned and edited in windows
-    size: int = 512  # short side in pixels, SD 1.x's native resolution
+    size: int | str = "auto"  # short side in pixels; "auto": the model's native one (512 SD 1.x, 768 SD 2.x 768-v)
     crop: str = "none"  # keep the aspect ratio; "center" gives a square
     steps: int | str = "auto"  # "auto": STEPS, growing with a clip longer than the window (steps_for)
     lr: float = 3e-5  # Tune-A-Video's UNet learning rate
@@ -93,7 +93,8 @@ class TuneSettings:
             raise UsageError("--prompt is empty; describe the source video, e.g. --prompt 'a man is skiing'")
         _choice("--crop", self.crop, CROPS)
         _choice("--context", self.context, CONTEXTS)
-        for flag, name, word in (("--frames", "frames", "all"), ("--steps", "steps", "auto")):
+        named = (("--frames", "frames", "all"), ("--steps", "steps", "auto"), ("--size", "size", "auto"))
+        for flag, name, word in named:
             if getattr(self, name) != word:
                 try:
                     object.__setattr__(self, name, int(getattr(self, name)))
@@ -109,7 +110,7 @@ class TuneSettings:
             raise UsageError("give --start (a frame index) or --from (a time), not both")
         if None not in (self.from_time, self.to_time) and self.to_time <= self.from_time:
             raise UsageError(f"--to ({self.to_time:g} s) must come after --from ({self.from_time:g} s)")
-        _at_least("--size", self.size, 1)
+        _at_least("--size", 1 if self.size == "auto" else self.size, 1)
         _at_least("--lr", self.lr, 0)
         _at_least("--adapter-lr", self.adapter_lr, 0)
         _at_least("--context-scale", abs(self.context_scale), 0)
@@ -127,13 +128,18 @@ class TuneSettings:
             return self.steps
         return round(STEPS * max(1.0, frames / self.window) ** STEPS_GROWTH)
 
+    def size_for(self, native: int) -> int:
+        """The short side in pixels on a model whose native one is `native`: --size, or for "auto" `native`."""
+        return native if self.size == "auto" else self.size
+
     def differences(self, record: dict) -> list[str]:
-        """Settings that differ from those of a run's record, as 'name: recorded -> now'. Steps compare as the number
-        they come to on the run's frames (a run records that number); a setting recorded before it existed counts
-        as its default."""
+        """Settings that differ from those of a run's record, as 'name: recorded -> now'. Steps and size compare as the
+        number they come to on the run's frames and model (a run records those numbers); a setting recorded before it
+        existed counts as its default."""
         recorded = recorded_settings(type(self), record["settings"])
         given = self.to_dict()
-        now = given | {"steps": self.steps_for(len(record["frames"]["indices"]))}
+        native = record.get("size", {}).get("native", 512)  # runs from before SD 2.x were all SD 1.x's 512
+        now = given | {"steps": self.steps_for(len(record["frames"]["indices"])), "size": self.size_for(native)}
         return [
             f"{name}: {recorded[name]!r} -> {given[name]!r}" + (f" ({value})" if value != given[name] else "")
             for name, value in now.items()
@@ -176,6 +182,7 @@ class EditSettings:
     scorer: str = _stage("edit", "attention")  # text alignment of the candidates: attention | caption | clip
     scorer_model: str | None = _stage("edit")  # captioner (BLIP, or "shapes") or CLIP model, hub id or folder
     context_scale: float = _stage("inversion", 1.0)  # times the tuned context shift, in inversion and sampling alike
+    lora_scale: str | None = _stage("inversion")  # the LoRAs' scales ("0.5", or one per LoRA "0.5,1"); None: as tuned
     overlap: int = _stage("inversion", 2)  # frames shared by neighbouring windows of a clip longer than the window
     checkpoint: int | None = _stage("inversion")  # the parameters after this tuning step (tune --keep-checkpoints)
     eta: float = _stage("edit", 0.0)  # 0: deterministic DDIM; > 0 adds seeded noise
@@ -202,8 +209,22 @@ class EditSettings:
         _fraction("--keep-inside", self.keep_inside)
         _fraction("--propagate", self.propagate)
         _fraction("--strength", self.strength, low_open=True)
+        if self.lora_scale is not None:
+            object.__setattr__(self, "lora_scale", ",".join(f"{scale:g}" for scale in self.lora_scales()))
         if not self.blend_words() and self.blend not in BLEND_MODES:
             raise UsageError(f"--blend takes auto, off or words (e.g. 'circle' or 'man,hat'), got {self.blend!r}")
+
+    def lora_scales(self) -> list[float]:
+        """The scales --lora-scale gives ([] for None): one for every LoRA, or one per LoRA in tuning's order."""
+        if self.lora_scale is None:
+            return []
+        try:
+            scales = [float(part) for part in str(self.lora_scale).split(",")]
+        except ValueError:
+            scales = []
+        if not scales or not all(math.isfinite(scale) for scale in scales):
+            raise UsageError(f"--lora-scale takes a number, or one per LoRA (e.g. 0.5,1), got {self.lora_scale!r}")
+        return scales
 
     def blend_words(self) -> list[str]:
         """The words --blend names, or [] for auto and off."""

@@ -4,7 +4,7 @@ shift, the cached source latents and prompt states, and the source frames as the
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +12,13 @@ import torch
 
 from ctxedit import video as videos
 from ctxedit.diffusion import ShiftSchedule
+from ctxedit.models import lora
 from ctxedit.models.adapter import ContextAdapter
 from ctxedit.models.inflate import VideoUNet
 from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_precision
+from ctxedit.models.spec import ModelSpec
 from ctxedit.models.trained import build, load_trained
-from ctxedit.runs import Run, recorded_model
+from ctxedit.runs import Run
 from ctxedit.settings import EditSettings, TuneSettings, recorded_settings
 from ctxedit.windows import Windows
 
@@ -32,8 +34,13 @@ class Tuned:
     adapter: ContextAdapter | None
     shift: ShiftSchedule
     x0: torch.Tensor  # (1, f, c, h, w) source latents
-    source_text: torch.Tensor  # (1, tokens, dim)
+    cached_text: torch.Tensor  # (1, tokens, dim): the source prompt's states as tuning encoded them
     weights: int | None = None  # the tuning step whose parameters are loaded (a kept checkpoint); None: the end
+    lora_scales: list[float] = field(default_factory=list)  # the scales the LoRAs are at
+    source_text: torch.Tensor | None = None  # the source prompt's states with the LoRAs at those scales
+
+    def __post_init__(self) -> None:
+        self.source_text = self.cached_text if self.source_text is None else self.source_text
 
     @property
     def prompt(self) -> str:
@@ -43,11 +50,17 @@ class Tuned:
     def seed(self) -> int:
         return self.record["settings"]["seed"]
 
-    def use_weights(self, step: int | None) -> None:
-        """Load the parameters after tuning step `step` (None: the finished tuning) unless they are loaded."""
-        if self.weights != step:
-            load_trained(self.run.weights_path(step), self.model, self.adapter)
-            self.weights = step
+    def use(self, settings: EditSettings) -> None:
+        """The tuned parameters and LoRA scales `settings` asks for (--checkpoint, --lora-scale), unless in use."""
+        if self.weights != settings.checkpoint:
+            load_trained(self.run.weights_path(settings.checkpoint), self.model, self.adapter)
+            self.weights = settings.checkpoint
+        scales = lora.scales_for(self.sd.source.loras, settings.lora_scales())
+        if scales != self.lora_scales:
+            lora.set_scales(self.sd.components, scales)
+            tuned_scales = scales == [entry.scale for entry in self.sd.source.loras]
+            self.source_text = self.cached_text if tuned_scales else self.sd.encode_text([self.prompt])
+            self.lora_scales = scales
 
     def shift_for(self, settings: EditSettings) -> ShiftSchedule:
         """The tuned context shift, scaled by the edit's `context_scale`."""
@@ -64,13 +77,14 @@ def load_tuned(run: Run, device: str = "auto", precision: str = "auto") -> Tuned
 
     record = run.require_tuned()
     torch_device = resolve_device(device)
-    sd = load_sd(recorded_model(record), torch_device, resolve_precision(precision, torch_device))
+    sd = load_sd(ModelSpec.from_record(record), torch_device, resolve_precision(precision, torch_device))
     settings = record["settings"]
     shift = ShiftSchedule(settings["context"], settings["context_scale"])
     model, adapter = build(sd, shift.active, settings["seed"])
     load_trained(run.tuned_path, model, adapter)
     cache = load_file(str(run.source_path), device=str(torch_device))
-    return Tuned(run, record, sd, model, adapter, shift, cache["latents"], cache["text"])
+    tuned_scales = [lora.scale for lora in sd.source.loras]
+    return Tuned(run, record, sd, model, adapter, shift, cache["latents"], cache["text"], lora_scales=tuned_scales)
 
 
 def source_chunks(record: dict) -> Iterator[np.ndarray]:

@@ -21,14 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from ctxedit import video as videos
-from ctxedit.diffusion import ShiftSchedule
+from ctxedit.diffusion import ShiftSchedule, training_target
 from ctxedit.errors import Interrupted, RunError, TuningDiverged
 from ctxedit.files import atomic_path, sha256_of
 from ctxedit.models.adapter import WEIGHTS, ContextAdapter, find_pretrained
 from ctxedit.models.inflate import VideoUNet
 from ctxedit.models.sd import StableDiffusion, load_sd, resolve_device, resolve_precision
+from ctxedit.models.spec import ModelSpec
 from ctxedit.models.trained import build, load_trained_state, save_trained, trained_state
-from ctxedit.runs import Progress, ProgressEvent, Run, recorded_model, versions
+from ctxedit.runs import Progress, ProgressEvent, Run, versions
 from ctxedit.settings import TuneSettings
 from ctxedit.windows import random_window
 
@@ -81,7 +82,8 @@ def training_loss(
     shift: ShiftSchedule,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Noise-prediction loss at one random t on the contextual forward marginal x_t = √ā x0 + k_t r + √(1-ā) ε."""
+    """Loss of the model's prediction (eps, or v for a v-model) at one random t on the contextual forward marginal
+    x_t = √ā x0 + k_t r + √(1-ā) ε."""
     scheduler = sd.scheduler
     t = int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator, device=x0.device))
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
@@ -90,8 +92,8 @@ def training_loss(
         # The adapter learns through x_t: its output shifts where the UNet has to denoise from.
         x_t = x_t + shift(scheduler.alphas_cumprod[t]).to(x0.device) * adapter(x0, text)
     with sd.autocast():
-        pred_epsilon = model(x_t.to(sd.dtype), t, text.to(sd.dtype))
-    return F.mse_loss(pred_epsilon.float(), noise)
+        prediction = model(x_t.to(sd.dtype), t, text.to(sd.dtype))
+    return F.mse_loss(prediction.float(), training_target(x0, noise, scheduler.alphas_cumprod[t], sd.prediction))
 
 
 def _save_checkpoint(path, model, adapter, optimizer, generator, scaler, losses) -> None:
@@ -272,7 +274,7 @@ def tune_video(
     video: Path,
     settings: TuneSettings,
     run: Run,
-    model_id: str,
+    model: ModelSpec | str,
     device: str = "auto",
     precision: str = "auto",
     resume: bool = False,
@@ -292,7 +294,8 @@ def tune_video(
         raise RunError(f"--resume needs the same video; {video} differs from the one {run.root} was tuned on")
     torch_device = resolve_device(device)
     dtype = resolve_precision(precision, torch_device)
-    sd = load_sd(recorded_model(recorded) if recorded else model_id, torch_device, dtype)
+    sd = load_sd(ModelSpec.from_record(recorded) if recorded else model, torch_device, dtype)
+    settings = replace(settings, size=settings.size_for(sd.native_size))  # recorded as the number it ran
     width, height = videos.processed_size(info.width, info.height, settings.size, sd.size_multiple, settings.crop)
     if not recorded:
         _clear_caches(run)  # only now that the video and the model are known to work
@@ -317,7 +320,7 @@ def tune_video(
             "count": len(indices),
             "start_s": info.times[indices[0]],  # where the audio under the edits begins
         },
-        "size": {"width": width, "height": height, "latent": list(x0.shape[-2:])},
+        "size": {"width": width, "height": height, "latent": list(x0.shape[-2:]), "native": sd.native_size},
         "fps": source["fps"] / settings.stride,
         "settings": settings.to_dict(),
         "adapter": {"pretrained": str(pretrained), "sha256": sha256_of(pretrained / WEIGHTS)} if pretrained else None,

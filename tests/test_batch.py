@@ -90,7 +90,7 @@ def test_every_bad_preset_is_refused_with_file_job_and_key(tmp_path, skiing):
     bad(
         tmp_path,
         f"jobs:\n- {{name: a, {video_line}, prompt: x, edits: [y], model: ./none}}\n",
-        "model folder .* does not",
+        "model: .* does not exist",
     )
     bad(tmp_path, "defaults: {tune: {step: 3}}\njobs: []\n", "defaults: tune: unknown key 'step'")
     (tmp_path / "latin1.yaml").write_bytes("jobs: [caf\xe9]".encode("latin-1"))
@@ -128,7 +128,7 @@ jobs:
         ("on-the-moon", 4.0, None),
         ("mars", 9.0, 4),
     ]
-    assert loaded.output.size == "source" and loaded.model == str(tiny_model)
+    assert loaded.output.size == "source" and loaded.model.model == str(tiny_model)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "ski.yaml").write_text(text, encoding="utf-8")
     with pytest.raises(UsageError, match="same name as"):

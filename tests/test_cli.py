@@ -142,7 +142,7 @@ def test_a_portrait_phone_clip_with_variable_frame_rate_and_sound(tiny_model, tm
     tune = ["tune", tmp_path / "phone.mp4", "--prompt", "noise", "--model", tiny_model, "--frames", "4"]
     succeeds(*tune, "--start", "8", "--size", "32", "--steps", "1")
     record = json.loads((tmp_path / "runs/phone/run.json").read_text())
-    assert record["size"] == {"width": 32, "height": 48, "latent": [24, 16]}  # portrait, as shown
+    assert record["size"] == {"width": 32, "height": 48, "latent": [24, 16], "native": 32}  # portrait, as shown
     assert record["frames"]["start_s"] == pytest.approx(1.2)  # frame 8's time, not 8 / the average rate
     succeeds("edit", "--target", "a painting", "--steps", "2", "--output-size", "source", "--out", "edit.mp4")
     info = video.probe(tmp_path / "edit.mp4")

@@ -9,10 +9,13 @@ from dataclasses import replace
 import pytest
 import torch
 from allpairspy import AllPairs
+from checkpoints import write_lora
 
 from ctxedit import editing, video
 from ctxedit.attention import stands_out, step_plan
+from ctxedit.models.lora import Lora
 from ctxedit.models.sd import StableDiffusion
+from ctxedit.models.spec import ModelSpec
 from ctxedit.runs import Run
 from ctxedit.settings import EditSettings, OutputSettings, TuneSettings
 from ctxedit.tuned import Tuned, load_tuned
@@ -38,6 +41,7 @@ VALUES = {  # every setting that meets the others in an edit, with the values wo
     "realign": ["off", "auto"],
     "candidates": [1, 3],
     "context_scale": [1.0, 0.0],
+    "lora_scale": [None, "0.5"],  # the runs are tuned with a LoRA at 1; None: as tuned
     "eta": [0.0, 0.5],
     "overlap": [None, 1, 2],  # None: a clip that fits one window; else a longer clip in windows with that overlap
     "checkpoint": [None, 2],
@@ -50,13 +54,16 @@ RECONSTRUCTION = 1e-4  # largest latent error of the source prompt under direct 
 
 @pytest.fixture(scope="module")
 def runs(skiing, tiny_model, tmp_path_factory) -> dict[str, Run]:
-    """A clip that fits the model's window and one edited in windows, both keeping the parameters of step 2."""
+    """A clip that fits the model's window and one edited in windows, both keeping the parameters of step 2, both
+    tuned with a LoRA (kohya's format)."""
     made = {}
+    lora = write_lora(tiny_model, tmp_path_factory.mktemp("loras") / "style.safetensors", kohya=True)
+    model = ModelSpec(str(tiny_model), loras=(Lora(str(lora)),))
     for name, frames, window in (("short", 3, 8), ("long", 6, 4)):
         run = Run(tmp_path_factory.mktemp("runs") / name)
         settings = TuneSettings(prompt=PROMPT, frames=frames, stride=2, size=32, steps=4, window=window,
                                 adapter_lr=1e-2, checkpoint_every=2, keep_checkpoints=True)  # fmt: skip
-        tune_video(skiing, settings, run, str(tiny_model), device="cpu")
+        tune_video(skiing, settings, run, model, device="cpu")
         made[name] = run
     return made
 
@@ -83,6 +90,8 @@ def controls_on(tuned: Tuned, settings: EditSettings, target: str) -> dict[str, 
     for name in ("keep_structure", "keep_words", "context_scale", "eta", "propagate"):
         if getattr(settings, name):
             off[name] = replace(settings, **{name: 0.0}), target
+    if settings.lora_scale is not None:
+        off["lora_scale"] = replace(settings, lora_scale=None), target
     parsed = editing.target_for(tuned, target, settings)
     words = parsed.blend
     if settings.blend != "off" and words and words[0]:  # a region from the source's words: region control acts

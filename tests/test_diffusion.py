@@ -12,10 +12,10 @@ from ctxedit.models.adapter import AdapterConfig, ContextAdapter
 SCHEDULES = ["quadratic", "prior", "noise"]
 
 
-def sd_scheduler(steps: int = 10) -> DDIMScheduler:
+def sd_scheduler(steps: int = 10, prediction: str = "epsilon") -> DDIMScheduler:
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction,
     )  # fmt: skip
     scheduler.set_timesteps(steps)
     return scheduler
@@ -104,14 +104,15 @@ def test_loops_with_a_fixed_context_follow_the_closed_forms(kind):
     torch.testing.assert_close(back, x - shift(final).double() * r, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("kind", SCHEDULES)
-def test_round_trip_is_exact_with_a_real_adapter_whose_context_follows_x0_hat(kind):
+def test_round_trip_is_exact_with_a_real_adapter_whose_context_follows_x0_hat(kind, prediction):
     """Inversion with R(x0, c) and sampling with R(x0_hat, c): the context changes at every step, the
-    y-trajectory does not care. (A constant context would hide a sampler that carries x.)"""
-    scheduler, shift, adapter = sd_scheduler(25), ShiftSchedule(kind, 2.0), random_adapter()
+    y-trajectory does not care. (A constant context would hide a sampler that carries x.) A v-model too."""
+    scheduler, shift, adapter = sd_scheduler(25, prediction), ShiftSchedule(kind, 2.0), random_adapter()
     x0, eps, _ = tensors(3)
     text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(4))
-    model = lambda x, t: eps  # noqa: E731 - a constant-eps model makes DDIM exactly invertible
+    model = lambda x, t: eps  # noqa: E731 - a constant prediction (eps or v) makes DDIM exactly invertible
     seen = []
     with torch.no_grad():
         r = adapter(x0, text)
@@ -122,6 +123,27 @@ def test_round_trip_is_exact_with_a_real_adapter_whose_context_follows_x0_hat(ki
     assert (trajectory[0] - x0).abs().max() > 1  # it really went somewhere
     assert len(seen) == 25 and (adapter(seen[1], text) - r).abs().max() > 1e-2  # the context moved
     assert (back - x0).abs().max() < 2e-5
+
+
+def test_v_predictions_are_converted_as_diffusers_defines_them():
+    """Tuning's target is diffusers' velocity; inversion's eps is the one sampling sees back at the step's end, which
+    the stock inverse scheduler's conversion (at the step's start) is not: it does not return a constant v-model."""
+    scheduler = sd_scheduler(25, "v_prediction")
+    x0, noise, v = tensors(8)
+    t = torch.tensor([500])
+    target = diffusion.training_target(x0, noise, scheduler.alphas_cumprod[500], "v_prediction")
+    torch.testing.assert_close(target, scheduler.get_velocity(x0, noise, t))
+    assert torch.equal(diffusion.training_target(x0, noise, scheduler.alphas_cumprod[500], "epsilon"), noise)
+    inverse, shift = inverse_of(scheduler), ShiftSchedule("off")
+    for t in inverse.timesteps.tolist()[:3]:
+        a_cur, a_next = diffusion.inversion_alphas(inverse, t)
+        eps = diffusion.inversion_epsilon(v, x0, a_cur, a_next)
+        y_next = a_next.sqrt() * (x0 - (1 - a_cur).sqrt() * eps) / a_cur.sqrt() + (1 - a_next).sqrt() * eps
+        torch.testing.assert_close(eps, a_next.sqrt() * v + (1 - a_next).sqrt() * y_next)  # sampling's eps there
+    trajectory = diffusion.invert(lambda x, t: v, x0, inverse, None, shift)
+    stock_T, stock_0 = stock_loops(scheduler, lambda x, t: v, x0)
+    back = diffusion.sample(lambda x, t: v, trajectory[0], scheduler, None, x0, shift)
+    assert (back - x0).abs().max() < 2e-5 < 0.05 < (stock_0 - x0).abs().max()
 
 
 def test_reconstruction_landings_make_any_model_reproduce_the_trajectory():

@@ -237,7 +237,8 @@ OTHER_VALUES = {  # a valid value other than the default, for every edit setting
     "inversion": {"inversion": "plain"}, "keep_structure": {"keep_structure": 0.1}, "keep_words": {"keep_words": 0.1},
     "blend": {"blend": "off"}, "strength": {"strength": 0.5}, "realign": {"realign": "auto"},
     "candidates": {"candidates": 2}, "scorer": {"scorer": "clip", "scorer_model": "m"},
-    "scorer_model": {"scorer_model": "m"}, "context_scale": {"context_scale": 0.5}, "overlap": {"overlap": 1},
+    "scorer_model": {"scorer_model": "m"}, "context_scale": {"context_scale": 0.5}, "lora_scale": {"lora_scale": "0.5"},
+    "overlap": {"overlap": 1},
     "checkpoint": {"checkpoint": 2}, "eta": {"eta": 0.3}, "seed": {"seed": 5}, "keep_inside": {"keep_inside": 1.0},
     "inject": {"inject": "whole"}, "propagate": {"propagate": 0.0},
 }  # fmt: skip

@@ -66,8 +66,13 @@ class VideoUNet(nn.Module):
         return [m for m in self.unet.modules() if isinstance(m, BasicTransformerBlock)]
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        """Tune-A-Video's trainable set, by name relative to the UNet."""
-        return {n: p for n, p in self.unet.named_parameters() if any(key in n for key in TRAINABLE)}
+        """Tune-A-Video's trainable set, by name relative to the UNet; a layer a LoRA wraps keeps its own name and
+        the LoRA's weights are not in the set (`models.lora`)."""
+        return {
+            name.replace(".base_layer.", "."): param
+            for name, param in self.unet.named_parameters()
+            if any(key in name for key in TRAINABLE) and ".lora_" not in name
+        }
 
     def use_xformers(self, enabled: bool) -> None:
         """Route every attention through xformers (where no map is needed); keeps ctxedit's processors."""

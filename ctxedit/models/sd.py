@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ctxedit.errors import ModelError, UsageError
+from ctxedit.files import verified_sha256
 from ctxedit.models import adapter as adapters
+from ctxedit.models import formats
+from ctxedit.models.embeddings import add_embeddings
+from ctxedit.models.lora import add_loras
+from ctxedit.models.spec import ModelSource, ModelSpec
 
 COMPONENTS = {  # subfolder -> file that proves it is there
     "unet": "config.json",
@@ -46,14 +52,19 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    id: str  # what the user gave: hub id or folder
-    path: str  # the local folder the weights were read from
-    revision: str | None  # hub commit, None for a plain folder
+def _pipeline_class(folder: Path, name: str) -> None:
+    """Refuse, before any weight is read, a diffusers model that is not an SD 1.x / 2.x text-to-image one."""
+    index = json.loads((folder / "model_index.json").read_text())
+    kind = index.get("_class_name", "")
+    unet = folder / "unet" / "config.json"
+    channels = json.loads(unet.read_text()).get("in_channels", 4) if unet.exists() else 4
+    if kind not in formats.PIPELINES or channels != 4:
+        raise formats.refuse(formats.pipeline_name(kind, channels), name)
 
 
 def _check_folder(folder: Path, name: str) -> None:
+    if (folder / "model_index.json").exists():
+        _pipeline_class(folder, name)
     missing = [f"{sub}/{proof}" for sub, proof in COMPONENTS.items() if not (folder / sub / proof).exists()]
     if not (folder / "model_index.json").exists():
         missing.insert(0, "model_index.json")
@@ -84,7 +95,8 @@ def hub_snapshot(model_id: str, patterns: list[str], what: str = "a local diffus
 
 
 def _download(model_id: str, fp16: bool) -> Path:
-    """The local snapshot of a hub model (only the SD component files)."""
+    """The local snapshot of a hub model (only the SD component files), after its model_index.json says it is one."""
+    _pipeline_class(hub_snapshot(model_id, ["model_index.json", "unet/config.json"]), model_id)
     weights = ["*.fp16.safetensors"] if fp16 else ["diffusion_pytorch_model.safetensors", "model.safetensors"]
     patterns = ["model_index.json"] + [f"{sub}/{f}" for sub in COMPONENTS for f in ["*.json", "*.txt", *weights]]
     patterns += [f"{adapters.FOLDER}/config.json", f"{adapters.FOLDER}/{adapters.WEIGHTS}"]  # a pre-trained adapter
@@ -94,31 +106,55 @@ def _download(model_id: str, fp16: bool) -> Path:
     return folder
 
 
-def find_model(model: str, fp16: bool = False) -> ModelSource:
-    """Resolve a hub id or a local folder to a checked local diffusers folder."""
-    path = Path(model).expanduser()
+def find_model(model: str | ModelSpec, fp16: bool = False) -> ModelSource:
+    """Resolve a hub id, a local folder or a single file to checked local weights (LoRAs and embeddings not yet
+    read: their digests are taken when they are)."""
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
+    path = Path(spec.model).expanduser()
+    if path.is_file():
+        config = formats.family(path, spec.config)
+        config = config if config in formats.FAMILIES else str(formats.config_folder(config).resolve())
+        digest = verified_sha256(path, spec.sha256, "the model file")
+        return ModelSource(spec.model, str(path.resolve()), None, digest, config)
+    if spec.config is not None:
+        raise UsageError("--model-config is for a single-file checkpoint (--model FILE.safetensors)")
     if path.exists():
         _check_folder(path, str(path))
-        return ModelSource(model, str(path.resolve()), None)
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelError(f"model folder {model} does not exist")
-    folder = _download(model, fp16)
-    _check_folder(folder, model)
-    return ModelSource(model, str(folder), folder.name)
+        return ModelSource(spec.model, str(path.resolve()), None)
+    if spec.model.startswith((".", "/", "~")) or spec.model.count("/") > 1 or path.suffix in formats.SUFFIXES:
+        raise ModelError(f"model {spec.model} does not exist")
+    folder = _download(spec.model, fp16)
+    _check_folder(folder, spec.model)
+    return ModelSource(spec.model, str(folder), folder.name)
 
 
 @dataclass
 class StableDiffusion:
-    """The loaded SD 1.x components, frozen, on one device at one compute dtype."""
+    """The loaded SD 1.x / 2.x components, frozen, on one device at one compute dtype."""
 
     vae: object
     text_encoder: object
     tokenizer: object
     unet: object
-    scheduler: object  # DDIMScheduler
+    scheduler: object  # DDIMScheduler, with the model's prediction type
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
+    expansions: dict[str, str] = field(default_factory=dict)  # an embedding's token -> the tokens it stands for
+
+    @property
+    def components(self) -> dict:
+        return {name: getattr(self, name) for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+
+    @property
+    def prediction(self) -> str:
+        """What the UNet predicts: "epsilon" or "v_prediction" (converted in `diffusion.epsilon`)."""
+        return self.scheduler.config.prediction_type
+
+    @property
+    def native_size(self) -> int:
+        """The short side in pixels the model was trained at: 512 for SD 1.x and 2.x base, 768 for SD 2.x 768-v."""
+        return self.unet.config.sample_size * self.vae_scale
 
     @property
     def vae_scale(self) -> int:
@@ -139,6 +175,8 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Token hidden states (b, tokens, dim) in fp32."""
+        for token, tokens in self.expansions.items():
+            prompts = [prompt.replace(token, tokens) for prompt in prompts]
         ids = self.tokenizer(
             prompts,
             padding="max_length",
@@ -191,38 +229,61 @@ def _variant(folder: Path, fp16: bool) -> str | None:
     return "fp16" if fp16 and any(folder.glob("*.fp16.safetensors")) else None
 
 
-def load_sd(model: str, device: torch.device, dtype: torch.dtype) -> StableDiffusion:
-    """Load the SD 1.x components of a hub id or local folder, frozen, on `device` at `dtype`."""
+def _components(source: ModelSource, dtype: torch.dtype, fp16: bool) -> dict:
+    """The unet, vae, text_encoder, tokenizer and scheduler, on the CPU, of a folder or a single file."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
-    quiet_hf_libraries()
+    if source.config is not None:
+        configs = formats.config_folder(source.config)
+        parts = formats.load_single_file(Path(source.path), configs, dtype)
+    else:
+        configs = folder = Path(source.path)
+        loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+        parts = {
+            name: cls.from_pretrained(folder / name, variant=_variant(folder / name, fp16), torch_dtype=dtype)
+            for name, cls in loaders.items()
+        }
+    parts["tokenizer"] = formats.tokenizer(configs)
+    # Clipping x0_hat to [-1, 1] is for pixels; SD latents reach about +-4 (diffusers' SD pipelines turn it off).
+    parts["scheduler"] = DDIMScheduler.from_pretrained(configs / "scheduler", clip_sample=False)
+    return parts
 
-    fp16 = dtype == torch.float16 and device.type == "cuda"
-    source = find_model(model, fp16)
-    folder = Path(source.path)
-    loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
-    parts = {}
-    try:
-        for name, cls in loaders.items():
-            variant = _variant(folder / name, fp16)
-            module = cls.from_pretrained(folder / name, variant=variant, torch_dtype=dtype)
-            parts[name] = module.to(device).requires_grad_(False).eval()
-        parts["tokenizer"] = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        # Clipping x0_hat to [-1, 1] is for pixels; SD latents reach about +-4 (diffusers' SD pipelines turn it off).
-        parts["scheduler"] = DDIMScheduler.from_pretrained(folder / "scheduler", clip_sample=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"cannot load the Stable Diffusion components of {model}: {first_line}") from error
-    config = parts["scheduler"].config
-    if config.prediction_type != "epsilon":
-        raise ModelError(f"{model} predicts {config.prediction_type}; ctxedit needs an SD 1.x epsilon model")
+
+def _check_scheduler(config, model: str) -> None:
+    if config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ModelError(f"{model} predicts {config.prediction_type}; ctxedit takes epsilon and v-prediction models")
     if config.timestep_spacing not in ("leading", "trailing") or config.thresholding:
         option = "thresholding true" if config.thresholding else f"timestep_spacing {config.timestep_spacing!r}"
         raise ModelError(
             f"{model}: scheduler {option} cannot be inverted; set timestep_spacing 'leading' (SD 1.x's) and "
             "thresholding false in scheduler/scheduler_config.json"
         )
+
+
+def load_sd(model: str | ModelSpec, device: torch.device, dtype: torch.dtype) -> StableDiffusion:
+    """Load the SD 1.x / 2.x components of a hub id, local folder or single file, with their LoRAs and embeddings,
+    frozen, on `device` at `dtype`."""
+    quiet_hf_libraries()
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
+    fp16 = dtype == torch.float16 and device.type == "cuda"
+    source = find_model(spec, fp16)
+    try:
+        parts = _components(source, dtype, fp16)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if source.config is not None:
+            raise ModelError(
+                f"{spec.model} does not fit the {source.config} architecture ({first_line[:200]}); name its own with "
+                f"--model-config ({', '.join(formats.FAMILIES)} or a diffusers folder)"
+            ) from error
+        raise ModelError(f"cannot load the Stable Diffusion components of {spec.model}: {first_line}") from error
+    _check_scheduler(parts["scheduler"].config, spec.model)
     if parts["unet"].config.cross_attention_dim != parts["text_encoder"].config.hidden_size:
-        raise ModelError(f"{model}: the UNet's cross-attention width does not match its text encoder")
-    return StableDiffusion(**parts, source=source, device=device, dtype=dtype)
+        raise ModelError(f"{spec.model}: the UNet's cross-attention width does not match its text encoder")
+    embeddings, expansions = add_embeddings(parts["tokenizer"], parts["text_encoder"], spec.embeddings)
+    loras = add_loras(parts, spec.loras)
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name] = parts[name].to(device).requires_grad_(False).eval()
+    source = replace(source, loras=loras, embeddings=embeddings)
+    return StableDiffusion(**parts, source=source, device=device, dtype=dtype, expansions=expansions)

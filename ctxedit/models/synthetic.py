@@ -173,7 +173,8 @@ def random_sd15(device, dtype):
     """SD 1.5's architecture with random weights, as a StableDiffusion (for benchmarks; no download)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from ctxedit.models.sd import ModelSource, StableDiffusion, quiet_hf_libraries
+    from ctxedit.models.sd import StableDiffusion, quiet_hf_libraries
+    from ctxedit.models.spec import ModelSource
 
     quiet_hf_libraries()
     vocab = _character_vocab()

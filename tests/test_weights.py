@@ -1,0 +1,263 @@
+"""The models users have: single-file checkpoints, LoRAs, embeddings, SD 2.x v-prediction; and refusals of the rest.
+Every format is built from the tiny model in code (tests/checkpoints.py), offline."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import write_lora, write_single_file
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from ctxedit import editing
+from ctxedit.cli import app
+from ctxedit.errors import ModelError
+from ctxedit.models import formats
+from ctxedit.models.embeddings import Embedding
+from ctxedit.models.lora import Lora
+from ctxedit.models.sd import load_sd
+from ctxedit.models.spec import ModelSpec
+from ctxedit.models.synthetic import write_tiny_sd
+from ctxedit.runs import Run
+from ctxedit.settings import EditSettings, TuneSettings
+from ctxedit.tuned import load_tuned
+from ctxedit.tuning import tune_video
+
+CPU = torch.device("cpu")
+PROMPT = "a man is skiing"
+
+
+def load(spec: ModelSpec):
+    return load_sd(spec, CPU, torch.float32)
+
+
+def unet_output(sd, prompt: str = PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
+    text = sd.encode_text([prompt])
+    with torch.no_grad():
+        return text, sd.unet(torch.linspace(-2, 2, 4 * 8 * 8).reshape(1, 4, 8, 8), 500, text).sample
+
+
+@pytest.fixture(scope="module")
+def single_file(tiny_model, tmp_path_factory) -> Path:
+    return write_single_file(tiny_model, tmp_path_factory.mktemp("files") / "tiny.safetensors")
+
+
+def test_a_single_file_checkpoint_loads_offline_as_its_folder_does(tiny_model, single_file):
+    sd, folder = load(ModelSpec(str(single_file), config=str(tiny_model))), load(ModelSpec(str(tiny_model)))
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(sd, name).state_dict(), getattr(folder, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert sd.source.sha256 and sd.source.config == str(tiny_model) and sd.source.path == str(single_file)
+    with pytest.raises(ModelError, match="does not fit the sd-v1 architecture.*--model-config"):
+        load(ModelSpec(str(single_file)))  # detected as SD 1.x, whose shipped config is full size
+
+
+def test_the_shipped_configs_are_sd_1_and_2_and_the_tokenizer_is_clips():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    counts = {}
+    for family in formats.FAMILIES:
+        folder = formats.config_folder(family)
+        with torch.device("meta"):
+            parts = (
+                UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+                AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+                CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+            )
+        counts[family] = tuple(sum(p.numel() for p in part.parameters()) for part in parts)
+        assert parts[0].config.sample_size * 8 == (768 if family == "sd-v2-768-v" else 512)  # native size
+        tokenizer = formats.tokenizer(folder)
+        assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+        assert tokenizer.pad_token == ("<|endoftext|>" if family == "sd-v1" else "!")
+    assert counts["sd-v1"] == (859_520_964, 83_653_863, 123_060_480)  # SD 1.5's UNet, VAE and CLIP ViT-L text tower
+    assert counts["sd-v2-768-v"] == (865_910_724, 83_653_863, 340_387_840)  # SD 2.1's, OpenCLIP ViT-H's
+    scheduler = "scheduler/scheduler_config.json"
+    prediction = {f: json.loads((formats.CONFIGS / f / scheduler).read_text())["prediction_type"] for f in counts}
+    assert prediction == {"sd-v1": "epsilon", "sd-v2-base": "epsilon", "sd-v2-768-v": "v_prediction"}
+
+
+def header_file(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    save_file({name: torch.zeros(shape, dtype=torch.float16) for name, shape in shapes.items()}, str(path))
+    return path
+
+
+UNET = "model.diffusion_model."
+CHECKPOINTS = {  # the keys (and shapes) that say what a checkpoint is, as in the real files (0: not stored)
+    "SDXL": {"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (8,)},
+    "SD3": {f"{UNET}joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,), f"{UNET}pos_embed": (1, 36864, 0)},
+    "Flux": {"double_blocks.0.img_attn.norm.key_norm.scale": (8,), "img_in.weight": (8, 64)},
+    "a video model": {
+        "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.pos_encoder.pe":
+            (1, 32, 8),
+        "mid_block.motion_modules.0.temporal_transformer.norm.bias": (8,),
+    },
+    "an inpainting model": {f"{UNET}input_blocks.0.0.weight": (8, 9, 3, 3)},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", CHECKPOINTS)
+def test_other_architectures_are_refused_from_the_header_before_any_work(kind, tmp_path):
+    path = header_file(tmp_path / "model.safetensors", CHECKPOINTS[kind])
+    with pytest.raises(ModelError, match=f"is {kind}.*does not support; it takes Stable Diffusion 1.x and 2.x"):
+        load(ModelSpec(str(path)))
+
+
+def test_sd2_files_are_detected_and_pickles_refused(tmp_path):
+    v2, conv_in = f"{UNET}input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", f"{UNET}input_blocks.0.0.weight"
+    two = header_file(tmp_path / "two.safetensors", {v2: (640, 1024), conv_in: (8, 4, 3, 3)})
+    assert formats.family(two) == "sd-v2-768-v"
+    assert formats.family(header_file(tmp_path / "one.safetensors", {v2: (640, 768), conv_in: (8, 4, 3, 3)})) == "sd-v1"
+    assert formats.family(tmp_path / "two.safetensors", "sd-v2-base") == "sd-v2-base"
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"not read")
+    with pytest.raises(ModelError, match=r"pickle checkpoint \(.ckpt\).*convert it to .safetensors"):
+        load(ModelSpec(str(pickle)))
+
+
+PIPELINES = {  # model_index.json class -> what the refusal calls it
+    "StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "SD3", "FluxPipeline": "Flux",
+    "StableVideoDiffusionPipeline": "a video model", "AnimateDiffPipeline": "a video model",
+    "StableDiffusionInpaintPipeline": "an inpainting model",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_other_diffusers_folders_are_refused_by_their_pipeline_class(pipeline, tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    with pytest.raises(ModelError, match=f"is {PIPELINES[pipeline]}.*does not support"):
+        load(ModelSpec(str(tmp_path)))
+
+
+def test_a_tiny_sdxl_folder_is_refused_before_its_weights_are_read(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+    )  # fmt: skip
+    unet.save_pretrained(tmp_path / "unet")
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"never read")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ModelError, match="is SDXL"):
+        load(ModelSpec(str(tmp_path)))
+
+
+@pytest.mark.parametrize("kohya", [False, True], ids=["peft", "kohya"])
+def test_a_lora_at_scale_0_is_no_lora_bit_for_bit_and_at_1_changes_unet_and_text(tiny_model, tmp_path, kohya):
+    path = write_lora(tiny_model, tmp_path / "style.safetensors", kohya)
+    without = unet_output(load(ModelSpec(str(tiny_model))))
+    at = {scale: unet_output(load(ModelSpec(str(tiny_model), loras=(Lora(str(path), scale),)))) for scale in (0, 1)}
+    assert all(torch.equal(a, b) for a, b in zip(at[0], without, strict=True))
+    assert all((a - b).abs().max() > 1e-2 for a, b in zip(at[1], without, strict=True))
+
+
+def test_lora_and_embedding_specs_parse_paths_with_colons():
+    assert Lora.parse("style.safetensors:0.7") == Lora("style.safetensors", 0.7)
+    assert Lora.parse("C:/loras/style.safetensors") == Lora("C:/loras/style.safetensors")
+    assert Embedding.parse("cat.pt:<cat-toy>") == Embedding("cat.pt", "<cat-toy>")
+    assert Embedding.parse("dir:x/cat.pt") == Embedding("dir:x/cat.pt")
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "a1111"])
+def test_an_embeddings_token_changes_the_prompts_encoding_and_stands_for_all_its_vectors(tiny_model, tmp_path, layout):
+    vectors = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / ("cat.safetensors" if layout == "diffusers" else "cat.pt")
+    if layout == "diffusers":
+        save_file({"<cat>": vectors}, str(path))
+    else:
+        torch.save({"string_to_param": {"*": vectors}, "name": "cat"}, path)
+    sd = load(
+        ModelSpec(str(tiny_model), embeddings=(Embedding(str(path), None if layout == "diffusers" else "<cat>"),))
+    )
+    plain = load(ModelSpec(str(tiny_model)))
+    assert sd.source.embeddings[0].token == "<cat>" and sd.expansions == {"<cat>": "<cat> <cat>_1 <cat>_2"}
+    ids = sd.tokenizer("a <cat> <cat>_1 <cat>_2 is skiing").input_ids
+    assert ids[2:5] == sd.tokenizer.convert_tokens_to_ids(["<cat>", "<cat>_1", "<cat>_2"])
+    assert torch.equal(sd.text_encoder.get_input_embeddings().weight[ids[2:5]], vectors)
+    with torch.no_grad():  # the token in a prompt stands for the three
+        expanded = sd.text_encoder(sd.tokenizer("a <cat> <cat>_1 <cat>_2 is skiing", padding="max_length",
+                                                max_length=77, return_tensors="pt").input_ids)[0]  # fmt: skip
+    assert torch.equal(sd.encode_text(["a <cat> is skiing"]), expanded)
+    assert not torch.equal(sd.encode_text(["a <cat> is skiing"]), plain.encode_text(["a <cat> is skiing"]))
+    assert torch.equal(sd.encode_text([PROMPT]), plain.encode_text([PROMPT]))  # other prompts as before
+    with pytest.raises(ModelError, match="already a word of the tokenizer"):
+        load(ModelSpec(str(tiny_model), embeddings=(Embedding(str(path), "a</w>"),)))
+
+
+def test_a_tuned_run_keeps_its_parameters_apart_from_its_lora_and_refuses_changed_files(
+    skiing, tiny_model, single_file, tmp_path
+):
+    """Tuned on a single file with a LoRA and an embedding: the trained parameters are the ones a run without a
+    LoRA has (names and count), --lora-scale 0 edits with exactly the model without it, and a changed file is
+    refused at edit time in one line."""
+    files = tmp_path / "files"
+    shutil.copytree(single_file.parent, files)
+    lora = write_lora(tiny_model, files / "style.safetensors", kohya=True)
+    embedding = files / "cat.safetensors"
+    save_file({"<cat>": torch.randn(2, 32)}, str(embedding))
+    spec = ModelSpec(str(files / "tiny.safetensors"), str(tiny_model), loras=(Lora(str(lora), 0.8),),
+                     embeddings=(Embedding(str(embedding)),))  # fmt: skip
+    run, plain = Run(tmp_path / "run"), Run(tmp_path / "plain")
+    settings = TuneSettings(prompt="a <cat> is skiing", frames=2, stride=4, size=32, steps=2)
+    tune_video(skiing, settings, run, spec, device="cpu")
+    record = run.read_record()["model"]
+    assert [(entry["scale"], len(entry["sha256"])) for entry in record["loras"]] == [(0.8, 64)]
+    assert record["embeddings"][0]["token"] == "<cat>" and record["sha256"] and record["config"] == str(tiny_model)
+    tune_video(skiing, settings, plain, ModelSpec(str(tiny_model), embeddings=spec.embeddings), device="cpu")
+    from safetensors.torch import load_file
+
+    assert load_file(str(run.tuned_path)).keys() == load_file(str(plain.tuned_path)).keys()
+    tuned = load_tuned(run, device="cpu")
+    tuned.use(EditSettings(lora_scale="0"))
+    with_lora_off = unet_output(tuned.sd, "a <cat> is skiing")
+    bare = load_tuned(plain, device="cpu")
+    from ctxedit.models.trained import load_trained
+
+    load_trained(run.tuned_path, bare.model, bare.adapter)  # the LoRA run's parameters on the model without it
+    for ours, theirs in zip(with_lora_off, unet_output(bare.sd, "a <cat> is skiing"), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # float rounding of the tuned layers (7e-7)
+    assert not torch.equal(tuned.source_text, tuned.cached_text)  # the source prompt follows the text encoder's LoRA
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["edit", "--run", str(run.root), "--target", "a <cat> is skiing on the moon", "--steps",
+                             "2", "--lora-scale", "0.5", "--device", "cpu"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    assert run.read_record()["edits"][-1]["settings"]["lora_scale"] == "0.5"
+    for changed in (lora, files / "tiny.safetensors"):
+        original = changed.read_bytes()
+        changed.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        result = runner.invoke(app, ["edit", "--run", str(run.root), "--target", "x", "--device", "cpu"])
+        assert result.exit_code == 1 and "has changed since the run was tuned" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+        changed.write_bytes(original)
+
+
+@pytest.fixture(scope="module")
+def v_model(tmp_path_factory) -> Path:
+    """The tiny model as a v-prediction one (SD 2.x 768-v's scheduler)."""
+    folder = write_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-v")
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": "v_prediction"}))
+    return folder
+
+
+def test_a_v_prediction_model_tunes_on_v_and_reconstructs_exactly(skiing, v_model, tmp_path, monkeypatch):
+    """Tuning's loss is on v; inversion then sampling with the source prompt reconstructs as for eps models."""
+    from ctxedit import tuning
+
+    targets = []
+    original = tuning.training_target
+    monkeypatch.setattr(tuning, "training_target", lambda *a: targets.append(a[-1]) or original(*a))
+    run = Run(tmp_path / "run")
+    tune_video(skiing, TuneSettings(prompt=PROMPT, frames=3, stride=4, size=32, steps=3, adapter_lr=1e-2), run,
+               ModelSpec(str(v_model)), device="cpu")  # fmt: skip
+    assert targets == ["v_prediction"] * 3
+    tuned = load_tuned(run, device="cpu")
+    assert tuned.sd.prediction == "v_prediction" and tuned.sd.native_size == 32
+    settings = EditSettings(steps=5, guidance=7.5)
+    source = editing.source_pass(tuned, settings)
+    assert (editing.edit_latents(tuned, source, PROMPT, settings) - tuned.x0).abs().max() < 1e-4
