@@ -33,3 +33,9 @@ class Interrupted(CtxEditError):
     """Ctrl-C; what was done so far was saved."""
 
     exit_code = 130
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library's error message (its class name if it has none), for a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

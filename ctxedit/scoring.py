@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctxedit.errors import ModelError, UsageError
+from ctxedit.errors import ModelError, UsageError, first_line
 from ctxedit.prompts import Target, parse_target
 from ctxedit.windows import Windows
 
@@ -208,7 +208,7 @@ def _load(model_id: str, processor_class, model_class, device: torch.device):
     try:
         return processor_class.from_pretrained(folder), model_class.from_pretrained(folder).to(device).eval()
     except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load {model_id} as {model_class.__name__}: {str(error).splitlines()[0]}") from None
+        raise ModelError(f"cannot load {model_id} as {model_class.__name__}: {first_line(error)}") from None
 
 
 @torch.no_grad()

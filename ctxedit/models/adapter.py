@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ctxedit.errors import ModelError, UsageError
+from ctxedit.errors import ModelError, UsageError, first_line
 from ctxedit.files import atomic_folder, write_json
 
 FOLDER = "adapter"  # a model folder's pre-trained adapter
@@ -141,5 +141,5 @@ def load_pretrained(adapter: ContextAdapter, folder: Path) -> dict:
     try:
         adapter.load_state_dict(state)
     except RuntimeError as error:
-        raise ModelError(f"the context adapter in {folder} does not fit: {str(error).splitlines()[0]}") from error
+        raise ModelError(f"the context adapter in {folder} does not fit: {first_line(error)}") from error
     return config

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctxedit.errors import ModelError, UsageError
+from ctxedit.errors import ModelError, UsageError, first_line
 from ctxedit.files import verified_sha256
 
 
@@ -60,8 +60,7 @@ def add_loras(parts: dict, loras: tuple[Lora, ...]) -> tuple[Lora, ...]:
         try:
             pipeline.load_lora_weights(str(path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError, OSError, TypeError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelError(f"cannot load the LoRA {path}: {first_line[:300]}") from error
+            raise ModelError(f"cannot load the LoRA {path}: {first_line(error)[:300]}") from error
         if not any(name in names for names in pipeline.get_list_adapters().values()):
             raise ModelError(f"the LoRA {path} adapts no layer of this model; is it for another base model?")
         loaded.append(Lora(str(path.resolve()), lora.scale, digest))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctxedit.errors import ModelError, UsageError
+from ctxedit.errors import ModelError, UsageError, first_line
 from ctxedit.files import verified_sha256
 from ctxedit.models import adapter as adapters
 from ctxedit.models import formats
@@ -148,7 +148,7 @@ class StableDiffusion:
 
     @property
     def prediction(self) -> str:
-        """What the UNet predicts: "epsilon" or "v_prediction" (converted in `diffusion.epsilon`)."""
+        """What the UNet predicts: "epsilon" or "v_prediction" (converted in `diffusion`)."""
         return self.scheduler.config.prediction_type
 
     @property
@@ -271,13 +271,12 @@ def load_sd(model: str | ModelSpec, device: torch.device, dtype: torch.dtype) ->
     try:
         parts = _components(source, dtype, fp16)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if source.config is not None:
             raise ModelError(
-                f"{spec.model} does not fit the {source.config} architecture ({first_line[:200]}); name its own with "
-                f"--model-config ({', '.join(formats.FAMILIES)} or a diffusers folder)"
+                f"{spec.model} does not fit the {source.config} architecture ({first_line(error)[:200]}); name its "
+                f"own with --model-config ({', '.join(formats.FAMILIES)} or a diffusers folder)"
             ) from error
-        raise ModelError(f"cannot load the Stable Diffusion components of {spec.model}: {first_line}") from error
+        raise ModelError(f"cannot load the Stable Diffusion components of {spec.model}: {first_line(error)}") from error
     _check_scheduler(parts["scheduler"].config, spec.model)
     if parts["unet"].config.cross_attention_dim != parts["text_encoder"].config.hidden_size:
         raise ModelError(f"{spec.model}: the UNet's cross-attention width does not match its text encoder")
