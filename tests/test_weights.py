@@ -218,8 +218,10 @@ def test_a_tuned_run_keeps_its_parameters_apart_from_its_lora_and_refuses_change
     from ctxedit.models.trained import load_trained
 
     load_trained(run.tuned_path, bare.model, bare.adapter)  # the LoRA run's parameters on the model without it
+    # Not bit for bit: the single file's weights, equal to the folder's, lie at other memory alignments, and the CPU
+    # kernels round differently (7e-7, with or without a LoRA); a LoRA at 0 is exact (the test above).
     for ours, theirs in zip(with_lora_off, unet_output(bare.sd, "a <cat> is skiing"), strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # float rounding of the tuned layers (7e-7)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert not torch.equal(tuned.source_text, tuned.cached_text)  # the source prompt follows the text encoder's LoRA
 
     runner = CliRunner()
