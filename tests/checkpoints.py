@@ -3,6 +3,7 @@ LoRA files in kohya's key names. The inverse of what diffusers reads, written fr
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -115,3 +116,13 @@ def write_lora(folder: Path, path: Path, kohya: bool = False, seed: int = 0) -> 
             state[f"{module}.alpha"] = torch.tensor(8.0)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def write_v_model(folder: Path) -> Path:
+    """The tiny model as a v-prediction one (SD 2.x 768-v's scheduler), in `folder`."""
+    from ctxedit.models.synthetic import write_tiny_sd
+
+    write_tiny_sd(folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": "v_prediction"}))
+    return folder

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 from allpairspy import AllPairs
-from checkpoints import write_lora
+from checkpoints import write_lora, write_v_model
 
 from ctxedit import editing, video
 from ctxedit.attention import stands_out, step_plan
@@ -43,7 +43,7 @@ VALUES = {  # every setting that meets the others in an edit, with the values wo
     "context_scale": [1.0, 0.0],
     "lora_scale": [None, "0.5"],  # the runs are tuned with a LoRA at 1; None: as tuned
     "eta": [0.0, 0.5],
-    "overlap": [None, 1, 2],  # None: a clip that fits one window; else a longer clip in windows with that overlap
+    "overlap": [None, 1, 2],  # None: a clip that fits one window; else a longer clip in windows (a v-model's)
     "checkpoint": [None, 2],
     "size": ["processed", "source"],
     "fps": [None, 5.0],
@@ -54,16 +54,17 @@ RECONSTRUCTION = 1e-4  # largest latent error of the source prompt under direct 
 
 @pytest.fixture(scope="module")
 def runs(skiing, tiny_model, tmp_path_factory) -> dict[str, Run]:
-    """A clip that fits the model's window and one edited in windows, both keeping the parameters of step 2, both
-    tuned with a LoRA (kohya's format)."""
+    """A clip that fits the model's window (an epsilon model) and one edited in windows (a v-prediction model, so
+    that every setting's values meet v-prediction too: each meets every overlap), both keeping the parameters of
+    step 2, both tuned with a LoRA (kohya's format)."""
     made = {}
     lora = write_lora(tiny_model, tmp_path_factory.mktemp("loras") / "style.safetensors", kohya=True)
-    model = ModelSpec(str(tiny_model), loras=(Lora(str(lora)),))
-    for name, frames, window in (("short", 3, 8), ("long", 6, 4)):
+    v_model = write_v_model(tmp_path_factory.mktemp("models") / "tiny-v")
+    for name, frames, window, base in (("short", 3, 8, tiny_model), ("long", 6, 4, v_model)):
         run = Run(tmp_path_factory.mktemp("runs") / name)
         settings = TuneSettings(prompt=PROMPT, frames=frames, stride=2, size=32, steps=4, window=window,
                                 adapter_lr=1e-2, checkpoint_every=2, keep_checkpoints=True)  # fmt: skip
-        tune_video(skiing, settings, run, model, device="cpu")
+        tune_video(skiing, settings, run, ModelSpec(str(base), loras=(Lora(str(lora)),)), device="cpu")
         made[name] = run
     return made
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import write_lora, write_single_file
+from checkpoints import write_lora, write_single_file, write_v_model
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -19,7 +19,6 @@ from ctxedit.models.embeddings import Embedding
 from ctxedit.models.lora import Lora
 from ctxedit.models.sd import load_sd
 from ctxedit.models.spec import ModelSpec
-from ctxedit.models.synthetic import write_tiny_sd
 from ctxedit.runs import Run
 from ctxedit.settings import EditSettings, TuneSettings
 from ctxedit.tuned import load_tuned
@@ -240,11 +239,7 @@ def test_a_tuned_run_keeps_its_parameters_apart_from_its_lora_and_refuses_change
 
 @pytest.fixture(scope="module")
 def v_model(tmp_path_factory) -> Path:
-    """The tiny model as a v-prediction one (SD 2.x 768-v's scheduler)."""
-    folder = write_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-v")
-    config = folder / "scheduler" / "scheduler_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": "v_prediction"}))
-    return folder
+    return write_v_model(tmp_path_factory.mktemp("models") / "tiny-v")
 
 
 def test_a_v_prediction_model_tunes_on_v_and_reconstructs_exactly(skiing, v_model, tmp_path, monkeypatch):
