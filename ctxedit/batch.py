@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ctxedit.errors import CtxEditError, Interrupted, RunError, UsageError, VideoError
 from ctxedit.files import atomic_path, remove_temporaries, sha256_of
+from ctxedit.models.spec import describe
 from ctxedit.presets import Job
 from ctxedit.runs import Progress, Run
 from ctxedit.settings import EditSettings, OutputSettings, recorded_settings
@@ -300,7 +301,7 @@ def _job_lines(run: Run, folder: Path) -> list[str]:
         f"- source: `{video['path']}` ({video['width']}x{video['height']}, {video['fps']:.4g} fps), frames "
         f"{record['frames']['indices']} at {size['width']}x{size['height']}",
         f"- prompt: {record['settings']['prompt']}",
-        f"- model: `{record['model']['id']}`; {record['runtime']['device']}, {record['runtime']['precision']}",
+        f"- model: `{describe(record['model'])}`; {record['runtime']['device']}, {record['runtime']['precision']}",
         f"- tuning: {settings}",
     ]
     if tuning:

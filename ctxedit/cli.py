@@ -555,6 +555,7 @@ def score(
 @handle_errors
 def info(run: RunOpt = "latest", json_out: JsonOpt = False) -> None:
     """Show what a run holds: settings, loss, edits and timings."""
+    from ctxedit.models.spec import describe
     from ctxedit.runs import resolve_run
 
     run_dir = resolve_run(run)
@@ -564,7 +565,7 @@ def info(run: RunOpt = "latest", json_out: JsonOpt = False) -> None:
         return
     settings, tuning, source, size = record["settings"], record.get("tuning"), record["video"], record["size"]
     table = Table(show_header=False, title=str(run_dir.root))
-    table.add_row("model", f"{record['model']['id']} ({record['model']['path']})")
+    table.add_row("model", f"{describe(record['model'])}; read from {record['model']['path']}")
     table.add_row("video", f"{source['path']} ({source['width']}x{source['height']}, {source['fps']:.4g} fps)")
     indices = record["frames"]["indices"]
     chosen = str(indices) if len(indices) <= 12 else f"{len(indices)} frames, {indices[0]} to {indices[-1]}"

@@ -35,6 +35,7 @@ from ctxedit.attention import (
 )
 from ctxedit.errors import UsageError
 from ctxedit.files import atomic_path, check_free_space, sha256_of
+from ctxedit.models import lora
 from ctxedit.prompts import Target, parse_target, token_ids
 from ctxedit.runs import Progress, ProgressEvent, Run
 from ctxedit.settings import EditSettings, OutputSettings
@@ -85,9 +86,10 @@ def predictor(
     progress: Callable[[int, int], None] | None = None,
     steps: int = 1,
 ):
-    """eps(x, t) of the tuned video UNet, with classifier-free guidance when `uncond` is given, each call steered
-    by `session` (None: the stock UNet); over `windows` for a long clip, the session's records in `records` (saved
-    while recording, loaded while injecting), `progress` told the windows run of `steps` x windows."""
+    """eps(x, t) (v for a v-model) of the tuned video UNet, with classifier-free guidance when `uncond` is given,
+    each call steered by `session` (None: the stock UNet); over `windows` for a long clip, the session's records in
+    `records` (saved while recording, loaded while injecting), `progress` told the windows run of `steps` x
+    windows."""
     sd, model, control = tuned.sd, tuned.model, tuned.model.control
 
     def predict_frames(x: torch.Tensor, t: int, frames: list[int] | None = None) -> torch.Tensor:
@@ -151,8 +153,10 @@ def inversion_key(tuned: Tuned, settings: EditSettings) -> str:
     where it runs."""
     windows = tuned.windows(settings.overlap)
     idle = {"overlap": not windows.split, "context_scale": tuned.adapter is None}  # settings that cannot act here
+    idle["lora_scale"] = True  # keyed by the scales it comes to: as tuned, given as one or as many, alike
     key = {
         "settings": {name: value for name, value in settings.depending("inversion") if not idle.get(name)},
+        "loras": lora.scales_for(tuned.sd.source.loras, settings.lora_scales()),
         "tuned": sha256_of(tuned.run.weights_path(settings.checkpoint)),
         "shift": asdict(tuned.shift_for(settings)) if tuned.adapter is not None else None,
         "windows": [windows.size, windows.overlap] if windows.split else None,
@@ -355,13 +359,15 @@ def target_for(tuned: Tuned, raw: str, settings: EditSettings) -> Target:
 
 def parse_requests(tuned: Tuned, requests: list[EditRequest]) -> list[Target]:
     """Each request's target parsed; a --blend word in neither prompt, a malformed weight, an --overlap the window
-    cannot take or a --checkpoint that was not kept fail here, before any work."""
+    cannot take, a --lora-scale the run's LoRAs cannot take or a --checkpoint that was not kept fail here, before any
+    work."""
     kept = tuned.run.kept_steps()
     targets = []
     for request in requests:
         settings = request.settings
         targets.append(target_for(tuned, request.target, settings))
         tuned.windows(settings.overlap)
+        lora.scales_for(tuned.sd.source.loras, settings.lora_scales())
         step = settings.checkpoint
         if step is not None and step not in kept:
             offer = f"kept: {', '.join(map(str, kept))}" if kept else "tune with --keep-checkpoints to keep some"

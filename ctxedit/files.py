@@ -84,10 +84,16 @@ def remove_temporaries(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def require_file(path: Path, expected: str | None, what: str) -> None:
+    """A ModelError unless `path` is a file (`expected`: the digest a run recorded, whose file is then missing)."""
+    if not path.is_file():
+        tuned = "; the run was tuned with it: put it back or tune again" if expected else ""
+        raise ModelError(f"{what} {path} does not exist{tuned}")
+
+
 def verified_sha256(path: Path, expected: str | None, what: str) -> str:
     """The sha256 of `path`; with `expected` (what a run recorded), a ModelError unless it is still that file."""
-    if not path.is_file():
-        raise ModelError(f"{what} {path} is missing; the run was tuned with it: put it back or tune again")
+    require_file(path, expected, what)
     digest = sha256_of(path)
     if expected is not None and digest != expected:
         raise ModelError(

@@ -139,7 +139,10 @@ def _model(where: str, base: Path, raw: dict, defaults: dict) -> ModelSpec:
         entries = raw.get(key, defaults.get(key)) or []
         if not isinstance(entries, list):
             _fail(f"{where}: {key}", "expected a list of files (FILE, or FILE:SCALE / FILE:TOKEN)")
-        files[key] = [parse(_text(f"{where}: {key}", entry)) for entry in entries]
+        try:
+            files[key] = [parse(_text(f"{where}: {key}", entry)) for entry in entries]
+        except UsageError as error:
+            _fail(f"{where}: {key}", str(error).removeprefix("--lora "))
         for entry in files[key]:
             if not _path(base, entry.path).is_file():
                 _fail(f"{where}: {key}", f"{_path(base, entry.path)} does not exist")

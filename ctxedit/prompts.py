@@ -21,16 +21,37 @@ FUNCTION_WORDS = frozenset(
 )
 
 
+def expanded(tokenizer, prompt: str) -> str:
+    """The prompt as the tokenizer reads it: the token of an embedding of n vectors followed by its other n - 1
+    tokens (`tokenizer.multi_vector_tokens`, set by `models.embeddings`); a prompt expanded already stays as it is."""
+    for token, rest in getattr(tokenizer, "multi_vector_tokens", {}).items():
+        spelled = " ".join([token, *rest]).replace("\\", "\\\\")  # a replacement template: backslashes escaped
+        prompt = re.sub(rf"{re.escape(token)}(?!_\d)(?! {re.escape(rest[0])}\b)", spelled, prompt)
+    return prompt
+
+
 def token_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt's token ids from the start token to the end token, without padding."""
-    return list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
+    ids = tokenizer(expanded(tokenizer, prompt), truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return list(ids)
 
 
 def word_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
-    """(word, token positions) of each word of the prompt; CLIP's tokens mark the end of a word with </w>."""
+    """(word, token positions) of each word of the prompt; CLIP's tokens mark the end of a word with </w>, and an
+    embedding's token is a word of its own (with its other tokens, for an embedding of several vectors)."""
     words, pieces, positions = [], [], []
+    added = tokenizer.get_added_vocab()
     tokens = tokenizer.convert_ids_to_tokens(token_ids(tokenizer, prompt)[1:-1])
     for position, token in enumerate(tokens, start=1):
+        if token in added:
+            if pieces:  # a word the embedding's token follows without a space
+                words.append(("".join(pieces), positions))
+                pieces, positions = [], []
+            if words and re.fullmatch(rf"{re.escape(words[-1][0])}_\d+", token):
+                words[-1][1].append(position)
+            else:
+                words.append((token, [position]))
+            continue
         pieces.append(token)
         positions.append(position)
         if token.endswith("</w>") or position == len(tokens):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ctxedit.errors import ModelError, UsageError, first_line
-from ctxedit.prompts import Target, parse_target
+from ctxedit.prompts import Target, expanded, parse_target
 from ctxedit.windows import Windows
 
 TextScorer = Callable[[np.ndarray, Target], float]
@@ -140,6 +140,7 @@ def text_embedder(sd) -> Callable[[list[str]], torch.Tensor]:
 
     @torch.no_grad()
     def embed(texts: list[str]) -> torch.Tensor:
+        texts = [expanded(sd.tokenizer, text) for text in texts]
         ids = sd.tokenizer(texts, padding="max_length", max_length=sd.tokenizer.model_max_length, truncation=True,
                            return_tensors="pt").input_ids.to(sd.device)  # fmt: skip
         return sd.text_encoder(ids).pooler_output
@@ -286,7 +287,7 @@ def score_run(
     """Score the run's recorded edits (all, or those at the paths `edits`) and record the scores in run.json."""
     from ctxedit import video
     from ctxedit.compose import sized_like
-    from ctxedit.settings import check_scorer
+    from ctxedit.settings import EditSettings, check_scorer, recorded_settings
     from ctxedit.tuned import load_tuned, source_frames
 
     check_scorer(scorer, scorer_model)
@@ -306,6 +307,7 @@ def score_run(
     results = []
     for path in chosen:
         entry = latest[path]
+        tuned.use(EditSettings(**recorded_settings(EditSettings, entry.get("settings", {}))))  # its checkpoint, LoRAs
         chunks = video.read_chunks(video.probe(Path(path)), list(range(len(source))))
         frames = np.concatenate([sized_like(chunk, source) for chunk in chunks])  # at the model's size
         target = parse_target(tuned.sd.tokenizer, tuned.prompt, entry["target"])

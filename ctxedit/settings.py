@@ -182,7 +182,8 @@ class EditSettings:
     scorer: str = _stage("edit", "attention")  # text alignment of the candidates: attention | caption | clip
     scorer_model: str | None = _stage("edit")  # captioner (BLIP, or "shapes") or CLIP model, hub id or folder
     context_scale: float = _stage("inversion", 1.0)  # times the tuned context shift, in inversion and sampling alike
-    lora_scale: str | None = _stage("inversion")  # the LoRAs' scales ("0.5", or one per LoRA "0.5,1"); None: as tuned
+    lora_scale: float | str | None = _stage("inversion")  # the LoRAs' scales (0.5, or one per LoRA "0.5,1"), kept as
+    # text; None: as tuned
     overlap: int = _stage("inversion", 2)  # frames shared by neighbouring windows of a clip longer than the window
     checkpoint: int | None = _stage("inversion")  # the parameters after this tuning step (tune --keep-checkpoints)
     eta: float = _stage("edit", 0.0)  # 0: deterministic DDIM; > 0 adds seeded noise
@@ -210,7 +211,7 @@ class EditSettings:
         _fraction("--propagate", self.propagate)
         _fraction("--strength", self.strength, low_open=True)
         if self.lora_scale is not None:
-            object.__setattr__(self, "lora_scale", ",".join(f"{scale:g}" for scale in self.lora_scales()))
+            object.__setattr__(self, "lora_scale", ",".join(map(repr, self.lora_scales())))
         if not self.blend_words() and self.blend not in BLEND_MODES:
             raise UsageError(f"--blend takes auto, off or words (e.g. 'circle' or 'man,hat'), got {self.blend!r}")
 

@@ -83,7 +83,7 @@ def load_tuned(run: Run, device: str = "auto", precision: str = "auto") -> Tuned
     model, adapter = build(sd, shift.active, settings["seed"])
     load_trained(run.tuned_path, model, adapter)
     cache = load_file(str(run.source_path), device=str(torch_device))
-    tuned_scales = [lora.scale for lora in sd.source.loras]
+    tuned_scales = [entry.scale for entry in sd.source.loras]
     return Tuned(run, record, sd, model, adapter, shift, cache["latents"], cache["text"], lora_scales=tuned_scales)
 
 

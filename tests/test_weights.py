@@ -2,6 +2,7 @@
 Every format is built from the tiny model in code (tests/checkpoints.py), offline."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from ctxedit import editing
 from ctxedit.cli import app
-from ctxedit.errors import ModelError
+from ctxedit.errors import ModelError, UsageError
 from ctxedit.models import formats
 from ctxedit.models.embeddings import Embedding
 from ctxedit.models.lora import Lora
@@ -94,13 +95,23 @@ CHECKPOINTS = {  # the keys (and shapes) that say what a checkpoint is, as in th
         "mid_block.motion_modules.0.temporal_transformer.norm.bias": (8,),
     },
     "an inpainting model": {f"{UNET}input_blocks.0.0.weight": (8, 9, 3, 3)},
+    "a video model (Stable Video Diffusion)": {
+        f"{UNET}input_blocks.0.0.weight": (8, 8, 3, 3), f"{UNET}input_blocks.1.0.time_stack.in_layers.0.weight": (8,),
+        f"{UNET}input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (640, 1024),
+    },
+    "a model whose UNet takes 5 input channels": {
+        f"{UNET}input_blocks.0.0.weight": (8, 5, 3, 3),
+        f"{UNET}input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (640, 1024),
+    },
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", CHECKPOINTS)
 def test_other_architectures_are_refused_from_the_header_before_any_work(kind, tmp_path):
     path = header_file(tmp_path / "model.safetensors", CHECKPOINTS[kind])
-    with pytest.raises(ModelError, match=f"is {kind}.*does not support; it takes Stable Diffusion 1.x and 2.x"):
+    with pytest.raises(
+        ModelError, match=f"is {re.escape(kind)}.*does not support; it takes Stable Diffusion 1.x and 2.x"
+    ):
         load(ModelSpec(str(path)))
 
 
@@ -173,7 +184,9 @@ def test_an_embeddings_token_changes_the_prompts_encoding_and_stands_for_all_its
         ModelSpec(str(tiny_model), embeddings=(Embedding(str(path), None if layout == "diffusers" else "<cat>"),))
     )
     plain = load(ModelSpec(str(tiny_model)))
-    assert sd.source.embeddings[0].token == "<cat>" and sd.expansions == {"<cat>": "<cat> <cat>_1 <cat>_2"}
+    assert sd.source.embeddings[0].token == "<cat>" and sd.tokenizer.multi_vector_tokens == {
+        "<cat>": ["<cat>_1", "<cat>_2"]
+    }
     ids = sd.tokenizer("a <cat> <cat>_1 <cat>_2 is skiing").input_ids
     assert ids[2:5] == sd.tokenizer.convert_tokens_to_ids(["<cat>", "<cat>_1", "<cat>_2"])
     assert torch.equal(sd.text_encoder.get_input_embeddings().weight[ids[2:5]], vectors)
@@ -235,6 +248,44 @@ def test_a_tuned_run_keeps_its_parameters_apart_from_its_lora_and_refuses_change
         assert result.exit_code == 1 and "has changed since the run was tuned" in result.output
         assert len(result.output.strip().splitlines()) == 1
         changed.write_bytes(original)
+    (files / "tiny.safetensors").rename(files / "moved.safetensors")
+    result = runner.invoke(app, ["edit", "--run", str(run.root), "--target", "x", "--device", "cpu"])
+    assert result.exit_code == 1 and "does not exist; the run was tuned with it" in result.output
+
+
+def test_a_batch_job_matches_its_run_when_it_leaves_the_architecture_and_token_to_be_found(tmp_path):
+    record = {"model": {"id": "/m/model.safetensors", "config": "sd-v1", "loras": [],
+                        "embeddings": [{"path": "/e/cat.pt", "token": "<cat>", "sha256": "0"}]}}  # fmt: skip
+    assert ModelSpec("/m/model.safetensors", embeddings=(Embedding("/e/cat.pt"),)).differences(record) == []
+    other = ModelSpec("/m/model.safetensors", "sd-v2-base", embeddings=(Embedding("/e/cat.pt", "<dog>"),))
+    assert [line.split(":")[0] for line in other.differences(record)] == ["model config", "embeddings"]
+
+
+def test_a_missing_lora_or_embedding_and_bad_embedding_files_are_one_line_errors(skiing, tiny_model, tmp_path):
+    runner = CliRunner()
+    for flag in ("--lora", "--embedding"):
+        result = runner.invoke(app, ["tune", str(skiing), "--prompt", "x", "--model", str(tiny_model), flag,
+                                     str(tmp_path / "typo.safetensors"), "--run", str(tmp_path / "run")])  # fmt: skip
+        assert result.exit_code == 1 and result.output.strip().endswith("typo.safetensors does not exist")
+    for name, content in (("list.pt", [1, 2]), ("tensor.pt", torch.ones(3, 32)), ("two.pt", {"a": 1, "b": 2})):
+        torch.save(content, tmp_path / name)
+        with pytest.raises(ModelError, match="is not a textual-inversion embedding"):
+            load(ModelSpec(str(tiny_model), embeddings=(Embedding(str(tmp_path / name)),)))
+    torch.save({"string_to_param": {"cat": torch.ones(1, 32)}}, tmp_path / "other-key.pt")  # not "*": still read
+    load(ModelSpec(str(tiny_model), embeddings=(Embedding(str(tmp_path / "other-key.pt")),)))
+
+
+def test_an_embeddings_token_is_one_word_in_the_prompts_alignment(tiny_model, tmp_path):
+    from ctxedit.prompts import parse_target, word_tokens
+
+    save_file({"<cat>": torch.randn(2, 32)}, str(tmp_path / "cat.safetensors"))
+    tokenizer = load(ModelSpec(str(tiny_model), embeddings=(Embedding(str(tmp_path / "cat.safetensors")),))).tokenizer
+    words = word_tokens(tokenizer, "a <cat>is skiing")
+    assert words[:3] == [("a", [1]), ("<cat>", [2, 3]), ("is", [4, 5])]
+    target = parse_target(tokenizer, "a <cat> is skiing", "a <cat> is running")
+    assert min(target.changed) > 5  # the changed word comes after the embedding's two tokens
+    assert parse_target(tokenizer, "a <cat> is skiing", "a <cat> is skiing").changed == []
+    assert parse_target(tokenizer, "a <cat> is skiing", "a (<cat>:1.5) is skiing").weights == {2: 1.5, 3: 1.5}
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +309,23 @@ def test_a_v_prediction_model_tunes_on_v_and_reconstructs_exactly(skiing, v_mode
     settings = EditSettings(steps=5, guidance=7.5)
     source = editing.source_pass(tuned, settings)
     assert (editing.edit_latents(tuned, source, PROMPT, settings) - tuned.x0).abs().max() < 1e-4
+
+
+def test_a_preset_takes_a_single_file_loras_embeddings_and_a_numeric_lora_scale(skiing, single_file, tmp_path):
+    from ctxedit.presets import load_preset
+
+    lora, embedding = tmp_path / "style.safetensors", tmp_path / "cat.safetensors"
+    lora.write_bytes(b"checked when loaded"), embedding.write_bytes(b"checked when loaded")
+    preset = tmp_path / "p.yaml"
+    preset.write_text(
+        f"jobs:\n  - video: {skiing}\n    prompt: a <cat> is skiing\n    model: {single_file}\n"
+        "    model_config: sd-v1\n    lora: [style.safetensors:0.7]\n    embedding: ['cat.safetensors:<cat>']\n"
+        "    edits: [{target: a <cat> is running, lora_scale: 0.5}]\n"
+    )
+    [job] = load_preset(preset)
+    assert job.model == ModelSpec(str(single_file), "sd-v1", loras=(Lora(str(lora), 0.7),),
+                                  embeddings=(Embedding(str(embedding), "<cat>"),))  # fmt: skip
+    assert job.edits[0].settings.lora_scale == "0.5"
+    preset.write_text(preset.read_text().replace("style.safetensors:0.7", "style.safetensors:lots"))
+    with pytest.raises(UsageError, match="p.yaml: job 1: lora: takes FILE or FILE:SCALE"):
+        load_preset(preset)

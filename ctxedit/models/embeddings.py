@@ -2,7 +2,7 @@
 
 Formats: diffusers' (one tensor named by its token), AUTOMATIC1111's (`string_to_param` in a .pt, `emb_params` in a
 .safetensors). An embedding of n vectors gets the tokens TOKEN, TOKEN_1, ..., TOKEN_(n-1), and TOKEN in a prompt
-stands for all of them (`expansions`).
+stands for all of them (`prompts.expanded`).
 """
 
 from __future__ import annotations
@@ -45,23 +45,27 @@ def _vectors(path: Path) -> tuple[str | None, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every reader failure means the same to the user
         raise ModelError(f"cannot read the embedding {path} ({type(error).__name__})") from error
+    state = state if isinstance(state, dict) else {}
     if {"clip_l", "clip_g"} & state.keys():
         raise ModelError(f"the embedding {path} is an SDXL one (clip_l/clip_g); ctxedit takes SD 1.x and 2.x")
-    if "string_to_param" in state:
-        return None, state["string_to_param"]["*"]
-    if "emb_params" in state:
-        return None, state["emb_params"]
-    if len(state) == 1 and isinstance(vectors := next(iter(state.values())), torch.Tensor):
-        return next(iter(state)), vectors
+    named, table = None, state.get("string_to_param", state)  # AUTOMATIC1111's .pt keeps its vectors one level down
+    if "emb_params" in state:  # AUTOMATIC1111's .safetensors
+        table = {"emb_params": state["emb_params"]}
+    elif table is state:  # diffusers': the one tensor is named by its token
+        named = next(iter(state), None)
+    vectors = next(iter(table.values()), None) if isinstance(table, dict) and len(table) == 1 else None
+    if isinstance(vectors, torch.Tensor):
+        return named, vectors
     raise ModelError(f"{path} is not a textual-inversion embedding (one tensor, string_to_param or emb_params)")
 
 
-def add_embeddings(tokenizer, text_encoder, embeddings: tuple[Embedding, ...]) -> tuple[tuple[Embedding, ...], dict]:
-    """Add each embedding's tokens and vectors; (the embeddings as loaded, with tokens, absolute paths and digests;
-    token -> the tokens it stands for, for embeddings of more than one vector)."""
+def add_embeddings(tokenizer, text_encoder, embeddings: tuple[Embedding, ...]) -> tuple[Embedding, ...]:
+    """Add each embedding's tokens and vectors (an embedding of n vectors: `tokenizer.multi_vector_tokens` says which
+    n - 1 tokens follow its token, see `prompts.expanded`); the embeddings as loaded, with tokens, absolute paths and
+    digests."""
     import torch
 
-    loaded, expansions = [], {}
+    loaded, multi = [], {}
     for embedding in embeddings:
         path = Path(embedding.path).expanduser()
         digest = verified_sha256(path, embedding.sha256, "the embedding")
@@ -78,13 +82,14 @@ def add_embeddings(tokenizer, text_encoder, embeddings: tuple[Embedding, ...]) -
         taken = [t for t in tokens if t in tokenizer.get_vocab()]
         if taken:
             raise ModelError(f"the token {taken[0]!r} of {path} is already a word of the tokenizer; give another: "
-                             f"--embedding {path}:<{token}>")  # fmt: skip
+                             f"--embedding {path}:<{token.strip('<>')}>")  # fmt: skip
         tokenizer.add_tokens(tokens)
         text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         table = text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             table[tokenizer.convert_tokens_to_ids(tokens)] = vectors.to(table.device, table.dtype)
         if len(tokens) > 1:
-            expansions[token] = " ".join(tokens)
+            multi[token] = tokens[1:]
         loaded.append(Embedding(str(path.resolve()), token, digest))
-    return tuple(loaded), expansions
+    tokenizer.multi_vector_tokens = multi
+    return tuple(loaded)

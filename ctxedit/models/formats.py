@@ -12,21 +12,20 @@ import json
 import struct
 from pathlib import Path
 
-from ctxedit.errors import ModelError
+from ctxedit.errors import ModelError, first_line
 
 CONFIGS = Path(__file__).parent / "configs"
 FAMILIES = ("sd-v1", "sd-v2-base", "sd-v2-768-v")
 PICKLES = (".ckpt", ".pt", ".pth", ".bin")
 SUFFIXES = (".safetensors", *PICKLES)
-PIPELINES = ("StableDiffusionPipeline",)  # a diffusers folder's model_index.json class that ctxedit takes
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")  # model_index.json classes ctxedit takes
 SUPPORTED = "Stable Diffusion 1.x and 2.x (a diffusers folder, a hub id or one .safetensors file)"
 # diffusers' name of a checkpoint's type -> what ctxedit calls it when it refuses one (prefixes match)
 UNSUPPORTED = {
-    "xl": "SDXL", "playground": "SDXL (Playground v2.5)", "sd3": "SD3", "sd35": "SD3.5", "flux": "Flux",
+    "xl": "SDXL", "playground": "SDXL (Playground v2.5)", "sd35": "SD3.5", "sd3": "SD3", "flux": "Flux",
     "chroma": "Flux (Chroma)", "animatediff": "a video model (AnimateDiff motion module)",
     "ltx-video": "a video model (LTX-Video)", "mochi": "a video model (Mochi)",
     "hunyuan-video": "a video model (HunyuanVideo)", "wan": "a video model (Wan)",
-    "cogvideo": "a video model (CogVideoX)",
     "inpainting": "an inpainting model (9 input channels)", "instruct-pix2pix": "InstructPix2Pix (8 input channels)",
     "controlnet": "a ControlNet", "upscale": "an upscaler", "stable_cascade": "Stable Cascade",
 }  # fmt: skip
@@ -88,8 +87,13 @@ def family(path: Path, config: str | None = None) -> str:
     for prefix, what in UNSUPPORTED.items():
         if kind.startswith(prefix):
             raise refuse(what, str(path))
-    if kind not in ("v1", "v2") or "model.diffusion_model.input_blocks.0.0.weight" not in checkpoint:
+    conv_in = checkpoint.get("model.diffusion_model.input_blocks.0.0.weight")
+    if kind not in ("v1", "v2") or conv_in is None:
         raise refuse("a checkpoint without a Stable Diffusion UNet", str(path))
+    if any(".time_stack." in name for name in checkpoint):  # diffusers reads its 1024-wide attention as SD 2.x's
+        raise refuse("a video model (Stable Video Diffusion)", str(path))
+    if conv_in.shape[1] != 4:  # depth (5), InstructPix2Pix-like (8)
+        raise refuse(pipeline_name(PIPELINES[0], conv_in.shape[1]), str(path))
     if config is not None:
         return config
     return "sd-v1" if kind == "v1" else "sd-v2-768-v"  # SD 2.x base (512, epsilon): --model-config sd-v2-base
@@ -134,5 +138,5 @@ def load_single_file(path: Path, config: Path, dtype) -> dict:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )  # fmt: skip
     except SingleFileComponentError as error:  # a part missing: a UNet-only file, a LoRA or a VAE given as --model
-        raise ModelError(f"{path}: {error.message.splitlines()[0]} (a whole SD checkpoint is needed)") from error
+        raise ModelError(f"{path}: {first_line(error)} (a whole SD checkpoint is needed)") from error
     return {"unet": pipeline.unet, "vae": pipeline.vae, "text_encoder": pipeline.text_encoder}

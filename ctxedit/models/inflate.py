@@ -50,7 +50,7 @@ def _after_block(block: BasicTransformerBlock, args: tuple, output: torch.Tensor
 
 
 class VideoUNet(nn.Module):
-    """An inflated SD UNet: latents (b, f, c, h, w), one timestep, text states (b, tokens, dim) -> eps."""
+    """An inflated SD UNet: latents (b, f, c, h, w), one timestep, text states (b, tokens, dim) -> eps (or v)."""
 
     def __init__(self, unet: UNet2DConditionModel):
         super().__init__()

@@ -41,8 +41,8 @@ def _pipeline(parts: dict):
     """diffusers' LoRA loader over our components (a view: nothing is copied)."""
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline(
-        **{name: parts[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+    return StableDiffusionPipeline(  # no scheduler: the pipeline would rewrite an old-style scheduler config
+        **{name: parts[name] for name in ("vae", "text_encoder", "tokenizer", "unet")}, scheduler=None,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
 
@@ -69,8 +69,12 @@ def add_loras(parts: dict, loras: tuple[Lora, ...]) -> tuple[Lora, ...]:
 
 
 def set_scales(parts: dict, scales: list[float]) -> None:
-    """Put the loaded LoRAs (in loading order) at `scales`."""
+    """Put the loaded LoRAs (in loading order) at `scales`; their weights stay frozen (peft unfreezes them)."""
     _pipeline(parts).set_adapters([f"lora{i}" for i in range(len(scales))], adapter_weights=scales)
+    for name in ("unet", "text_encoder"):
+        for parameter_name, parameter in parts[name].named_parameters():
+            if ".lora_" in parameter_name:
+                parameter.requires_grad_(False)
 
 
 def scales_for(loras: tuple[Lora, ...], asked: list[float]) -> list[float]:

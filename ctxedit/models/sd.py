@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.x components: find and load them (hub id or folder), encode text, encode and decode frames."""
+"""Stable Diffusion 1.x / 2.x components: find and load them (hub id, folder or single file, with LoRAs and
+embeddings), encode text, encode and decode frames."""
 
 from __future__ import annotations
 
@@ -6,19 +7,20 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ctxedit.errors import ModelError, UsageError, first_line
-from ctxedit.files import verified_sha256
+from ctxedit.files import require_file, verified_sha256
 from ctxedit.models import adapter as adapters
 from ctxedit.models import formats
 from ctxedit.models.embeddings import add_embeddings
 from ctxedit.models.lora import add_loras
 from ctxedit.models.spec import ModelSource, ModelSpec
+from ctxedit.prompts import expanded
 
 COMPONENTS = {  # subfolder -> file that proves it is there
     "unet": "config.json",
@@ -106,11 +108,12 @@ def _download(model_id: str, fp16: bool) -> Path:
     return folder
 
 
-def find_model(model: str | ModelSpec, fp16: bool = False) -> ModelSource:
+def find_model(spec: ModelSpec, fp16: bool = False) -> ModelSource:
     """Resolve a hub id, a local folder or a single file to checked local weights (LoRAs and embeddings not yet
     read: their digests are taken when they are)."""
-    spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
     path = Path(spec.model).expanduser()
+    if spec.sha256 is not None:  # a run's single file: missing is not a hub id
+        require_file(path, spec.sha256, "the model file")
     if path.is_file():
         config = formats.family(path, spec.config)
         config = config if config in formats.FAMILIES else str(formats.config_folder(config).resolve())
@@ -140,7 +143,6 @@ class StableDiffusion:
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
-    expansions: dict[str, str] = field(default_factory=dict)  # an embedding's token -> the tokens it stands for
 
     @property
     def components(self) -> dict:
@@ -175,10 +177,8 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Token hidden states (b, tokens, dim) in fp32."""
-        for token, tokens in self.expansions.items():
-            prompts = [prompt.replace(token, tokens) for prompt in prompts]
         ids = self.tokenizer(
-            prompts,
+            [expanded(self.tokenizer, prompt) for prompt in prompts],
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
@@ -266,6 +266,8 @@ def load_sd(model: str | ModelSpec, device: torch.device, dtype: torch.dtype) ->
     frozen, on `device` at `dtype`."""
     quiet_hf_libraries()
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
+    for what, extra in [("the LoRA", lora) for lora in spec.loras] + [("the embedding", e) for e in spec.embeddings]:
+        require_file(Path(extra.path).expanduser(), extra.sha256, what)  # before the model's own long load
     fp16 = dtype == torch.float16 and device.type == "cuda"
     source = find_model(spec, fp16)
     try:
@@ -280,9 +282,9 @@ def load_sd(model: str | ModelSpec, device: torch.device, dtype: torch.dtype) ->
     _check_scheduler(parts["scheduler"].config, spec.model)
     if parts["unet"].config.cross_attention_dim != parts["text_encoder"].config.hidden_size:
         raise ModelError(f"{spec.model}: the UNet's cross-attention width does not match its text encoder")
-    embeddings, expansions = add_embeddings(parts["tokenizer"], parts["text_encoder"], spec.embeddings)
+    embeddings = add_embeddings(parts["tokenizer"], parts["text_encoder"], spec.embeddings)
     loras = add_loras(parts, spec.loras)
     for name in ("unet", "vae", "text_encoder"):
         parts[name] = parts[name].to(device).requires_grad_(False).eval()
     source = replace(source, loras=loras, embeddings=embeddings)
-    return StableDiffusion(**parts, source=source, device=device, dtype=dtype, expansions=expansions)
+    return StableDiffusion(**parts, source=source, device=device, dtype=dtype)

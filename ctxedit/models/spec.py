@@ -23,11 +23,11 @@ class ModelSpec:
 
     @classmethod
     def from_record(cls, record: dict) -> ModelSpec:
-        """The model a run was tuned with (its folder or file while that is there, else its id), with the digests
-        its files must still have."""
+        """The model a run was tuned with (a single file, or a folder while that is there, else its hub id), with
+        the digests its files must still have."""
         model = record["model"]
         return cls(
-            model["path"] if Path(model["path"]).exists() else model["id"],
+            model["path"] if model.get("sha256") or Path(model["path"]).exists() else model["id"],
             model.get("config"),
             model.get("sha256"),
             tuple(Lora(lora["path"], lora["scale"], lora["sha256"]) for lora in model.get("loras", [])),
@@ -35,13 +35,18 @@ class ModelSpec:
         )
 
     def differences(self, record: dict) -> list[str]:
-        """How this differs from the model a run's record names, as 'what: recorded -> now'."""
+        """How this differs from the model a run's record names, as 'what: recorded -> now'. What this leaves to be
+        found out (a single file's architecture, an embedding's token) is not a difference."""
         model = record["model"]
+        tokens = [e.token for e in self.embeddings]
         recorded = {
             "model": model["id"],
-            "model config": model.get("config"),
+            "model config": model.get("config") if self.config is not None else None,
             "LoRAs": [(Path(lora["path"]).resolve(), lora["scale"]) for lora in model.get("loras", [])],
-            "embeddings": [(Path(e["path"]).resolve(), e["token"]) for e in model.get("embeddings", [])],
+            "embeddings": [
+                (Path(e["path"]).resolve(), e["token"] if i < len(tokens) and tokens[i] is not None else None)
+                for i, e in enumerate(model.get("embeddings", []))
+            ],
         }
         now = {
             "model": self.model,
@@ -63,3 +68,11 @@ class ModelSource:
     config: str | None = None  # a single file's architecture
     loras: tuple[Lora, ...] = ()  # with their digests
     embeddings: tuple[Embedding, ...] = ()
+
+
+def describe(model: dict) -> str:
+    """A run record's model in one line: the model (and a single file's architecture), its LoRAs and embeddings."""
+    parts = [model["id"] + (f" ({model['config']})" if model.get("config") else "")]
+    parts += [f"LoRA {Path(lora['path']).name} at {lora['scale']:g}" for lora in model.get("loras", [])]
+    parts += [f"embedding {e['token']} ({Path(e['path']).name})" for e in model.get("embeddings", [])]
+    return ", ".join(parts)
