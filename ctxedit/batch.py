@@ -20,7 +20,8 @@ from ctxedit.errors import CtxEditError, Interrupted, RunError, UsageError, Vide
 from ctxedit.files import atomic_path, remove_temporaries, sha256_of
 from ctxedit.models.spec import describe
 from ctxedit.presets import Job
-from ctxedit.runs import Progress, Run
+from ctxedit.report import write_report
+from ctxedit.runs import Progress, Run, latest_edits
 from ctxedit.settings import EditSettings, OutputSettings, recorded_settings
 
 STATUSES = ("done", "skipped", "failed")
@@ -95,12 +96,6 @@ def tuning_plan(run: Run, job: Job, video_sha: str, overwrite: bool) -> str:
     if run.checkpoint_path.exists():
         return "resume"
     return "retune"  # started, but killed before its first checkpoint
-
-
-def latest_edits(record: dict) -> dict[str, dict]:
-    """The last record entry of each edit file name (file names are unique in a run's edits/ folder; names,
-    not paths, so that a run folder still matches after a move or from another working directory)."""
-    return {Path(entry["path"]).name: entry for entry in record.get("edits", [])}
 
 
 def edits_to_do(run: Run, job: Job, record: dict, overwrite: bool) -> list:
@@ -254,7 +249,7 @@ def _strip_of(entry: dict, video: Path, record: dict, source: list) -> Path | No
     """edits/<name>.png beside the edit (source row above edit row), made when missing or older than the edit."""
     from ctxedit import compose
     from ctxedit import video as videos
-    from ctxedit.tuned import source_frames
+    from ctxedit.runs import source_frames
 
     png = video.with_suffix(".png")
     if png.exists() and png.stat().st_mtime >= video.stat().st_mtime:
@@ -276,14 +271,16 @@ def _strip_of(entry: dict, video: Path, record: dict, source: list) -> Path | No
 
 
 def write_reports(jobs: list[Job], root: Path) -> list[Path]:
-    """ROOT/<preset>/report.md for each preset, made from the run folders (so it covers every process's and
-    shard's work): per job the source, settings and timings; per edit its settings, time, files, frame strip."""
+    """ROOT/<preset>/report.html (`ctxedit report` of the preset's runs) and report.md for each preset, made from
+    the run folders (so they cover every process's and shard's work). report.md: per job the source, settings and
+    timings; per edit its settings, time, files, frame strip."""
     written = []
     for preset in dict.fromkeys(job.preset for job in jobs):
-        folder = root / preset.stem
+        folder, runs = root / preset.stem, [job_run(root, job) for job in jobs if job.preset == preset]
+        written.append(write_report(runs, folder / "report.html", title=f"ctxedit batch: {preset.name}"))
         lines = [f"# {preset.name}", "", f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by ctxedit batch.", ""]
-        for job in (job for job in jobs if job.preset == preset):
-            lines += [f"## {job.name}", "", *_job_lines(job_run(root, job), folder), ""]
+        for run in runs:
+            lines += [f"## {run.root.name}", "", *_job_lines(run, folder), ""]
         dest = folder / "report.md"
         with atomic_path(dest) as tmp:
             tmp.write_text("\n".join(lines), encoding="utf-8")

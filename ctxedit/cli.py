@@ -425,7 +425,7 @@ def batch(
         typer.Argument(help="Preset YAML files (see presets/).", metavar="PRESET.yaml...", show_default=False),
     ],
     out_dir: Annotated[
-        Path, typer.Option("--out", help="Root of the runs: OUT/<preset>/<job>/ and OUT/<preset>/report.md.")
+        Path, typer.Option("--out", help="Root of the runs: OUT/<preset>/<job>/ and OUT/<preset>/report.html and .md.")
     ] = Path("runs"),
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Check the presets and show the plan; run nothing.")
@@ -517,7 +517,7 @@ def demo(
     out.print(table)
     out.print(
         f"source {result.source}\nedits  {Path(result.edits[0].path).parent}/\nside by side {result.side_by_side}\n"
-        f"frame strip {result.strip}\ndone in {result.seconds:.0f} s",
+        f"frame strip {result.strip}\nreport {result.report}  (open it in a browser)\ndone in {result.seconds:.0f} s",
         highlight=False,
     )
 
@@ -549,6 +549,43 @@ def score(
         cells = (f"{r[axis]:.4f}" for axis in ("text", "consistency", "preservation", "warp_error"))
         table.add_row(r["target"], *cells)
     out.print(table)
+
+
+@app.command()
+@handle_errors
+def report(
+    runs: Annotated[
+        list[str] | None,
+        typer.Argument(help="Run directories. \\[default: the latest run]", metavar="[RUN]...", show_default=False),
+    ] = None,
+    out_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="The page. \\[default: RUN/report.html; several runs: ./report.html]", show_default=False
+        ),
+    ] = None,
+    open_page: Annotated[bool, typer.Option("--open", help="Open the page in the web browser.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a file at --out that is not a ctxedit report.")
+    ] = False,
+) -> None:
+    """Write an HTML page of runs: the source and edits playing in sync, settings, scores, candidates, tuning loss.
+
+    One file, offline in any browser; it links the videos by relative path, so move or share it with the runs."""
+    import webbrowser
+
+    from ctxedit.report import write_report
+    from ctxedit.runs import resolve_run
+
+    chosen = [resolve_run(run) for run in runs or ["latest"]]
+    for run in chosen:
+        run.read_record()  # a folder that holds no run: one line, before anything is written
+    names = chosen[0].root.name if len(chosen) == 1 else f"{len(chosen)} runs"
+    dest = out_path or (chosen[0].root / "report.html" if len(chosen) == 1 else Path("report.html"))
+    page = write_report(chosen, dest, overwrite, title=f"ctxedit: {names}")
+    out.print(f"report: {page}", highlight=False, soft_wrap=True)
+    if open_page:
+        webbrowser.open(page.resolve().as_uri())
 
 
 @app.command()

@@ -14,9 +14,8 @@ from ctxedit import compose
 from ctxedit import video as videos
 from ctxedit.errors import UsageError
 from ctxedit.files import refuse_overwrite
-from ctxedit.runs import Run
+from ctxedit.runs import Run, source_chunks
 from ctxedit.settings import OutputSettings
-from ctxedit.tuned import source_chunks
 
 
 @dataclass(frozen=True)

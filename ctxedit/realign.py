@@ -15,9 +15,10 @@ import numpy as np
 from ctxedit import scoring
 from ctxedit.attention import step_plan
 from ctxedit.prompts import Target
+from ctxedit.runs import source_frames
 from ctxedit.scoring import Scores, fused_ranks
 from ctxedit.settings import EditSettings
-from ctxedit.tuned import Tuned, source_frames
+from ctxedit.tuned import Tuned
 
 REALIGN_WEIGHT = 1.5  # --realign auto: attention weight of the words the target changes, inside their region
 # Candidate k >= 1 changes the user's settings one way, one of each kind first; eta > 0 draws new noise from its own

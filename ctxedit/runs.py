@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import platform
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from filelock import FileLock
 
 from ctxedit.errors import RunError
@@ -118,6 +119,27 @@ class Run:
             hint = "--resume it" if self.checkpoint_path.exists() else "run ctxedit tune"
             raise RunError(f"{self.root} has no finished tuning; {hint} first")
         return record
+
+
+def latest_edits(record: dict) -> dict[str, dict]:
+    """The last record entry of each edit file name (file names are unique in a run's edits/ folder; names,
+    not paths, so that a run folder still matches after a move or from another working directory)."""
+    return {Path(entry["path"]).name: entry for entry in record.get("edits", [])}
+
+
+def source_chunks(record: dict) -> Iterator[np.ndarray]:
+    """The tuned frames of the source, as the model saw them (processed size), `video.CHUNK` frames at a time."""
+    from ctxedit import video as videos
+
+    info = videos.probe(Path(record["video"]["path"]))
+    size = (record["size"]["width"], record["size"]["height"])
+    for chunk in videos.read_chunks(info, record["frames"]["indices"]):
+        yield videos.resize_frames(chunk, size)
+
+
+def source_frames(record: dict) -> np.ndarray:
+    """The tuned frames of the source, as the model saw them (processed size)."""
+    return np.concatenate(list(source_chunks(record)))
 
 
 def default_run(video: Path) -> Run:

@@ -266,19 +266,20 @@ def score(frames: np.ndarray, source: np.ndarray, target: Target, text_score: Te
     return Scores(text_score(frames, target), *steadiness)
 
 
+def axis_ranks(candidates: list[dict[str, float]], axis: str) -> list[float]:
+    """Rank of each candidate on one axis (0 is the best, higher scores are better; ties share their mean rank)."""
+    values = np.array([-c[axis] for c in candidates])
+    order = values.argsort(kind="stable")
+    rank = np.empty(len(values))
+    rank[order] = np.arange(len(values))
+    for value in np.unique(values):  # ties
+        rank[values == value] = rank[values == value].mean()
+    return [float(r) for r in rank]
+
+
 def fused_ranks(candidates: list[dict[str, float]], axes: tuple[str, ...]) -> list[float]:
-    """Mean rank of each candidate over `axes` (0 is the best on an axis; ties share their mean rank): scores of
-    different scales fused by their ranks alone."""
-    ranks = []
-    for axis in axes:
-        values = np.array([-c[axis] for c in candidates])  # higher is better
-        order = values.argsort(kind="stable")
-        rank = np.empty(len(values))
-        rank[order] = np.arange(len(values))
-        for value in np.unique(values):  # ties
-            rank[values == value] = rank[values == value].mean()
-        ranks.append(rank)
-    return [float(r) for r in np.mean(ranks, axis=0)]
+    """Mean rank of each candidate over `axes`: scores of different scales fused by their ranks alone."""
+    return [float(r) for r in np.mean([axis_ranks(candidates, axis) for axis in axes], axis=0)]
 
 
 def score_run(
@@ -287,8 +288,9 @@ def score_run(
     """Score the run's recorded edits (all, or those at the paths `edits`) and record the scores in run.json."""
     from ctxedit import video
     from ctxedit.compose import sized_like
+    from ctxedit.runs import source_frames
     from ctxedit.settings import EditSettings, check_scorer, recorded_settings
-    from ctxedit.tuned import load_tuned, source_frames
+    from ctxedit.tuned import load_tuned
 
     check_scorer(scorer, scorer_model)
     record = run.require_tuned()

@@ -1,16 +1,12 @@
 """A tuned run, loaded for editing and scoring: the model with its trained parameters, the context adapter and
-shift, the cached source latents and prompt states, and the source frames as the model saw them."""
+shift, the cached source latents and prompt states."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from ctxedit import video as videos
 from ctxedit.diffusion import ShiftSchedule
 from ctxedit.models import lora
 from ctxedit.models.adapter import ContextAdapter
@@ -85,16 +81,3 @@ def load_tuned(run: Run, device: str = "auto", precision: str = "auto") -> Tuned
     cache = load_file(str(run.source_path), device=str(torch_device))
     tuned_scales = [entry.scale for entry in sd.source.loras]
     return Tuned(run, record, sd, model, adapter, shift, cache["latents"], cache["text"], lora_scales=tuned_scales)
-
-
-def source_chunks(record: dict) -> Iterator[np.ndarray]:
-    """The tuned frames of the source, as the model saw them (processed size), `video.CHUNK` frames at a time."""
-    info = videos.probe(Path(record["video"]["path"]))
-    size = (record["size"]["width"], record["size"]["height"])
-    for chunk in videos.read_chunks(info, record["frames"]["indices"]):
-        yield videos.resize_frames(chunk, size)
-
-
-def source_frames(record: dict) -> np.ndarray:
-    """The tuned frames of the source, as the model saw them (processed size)."""
-    return np.concatenate(list(source_chunks(record)))

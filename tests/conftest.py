@@ -52,3 +52,15 @@ def make_video(path: Path, width: int, height: int, frames: int, fps: int = 10, 
     args = [ffmpeg_exe(), "-y", "-v", "error", "-f", "lavfi", "-i", f"testsrc=size={width}x{height}:rate={fps}"]
     subprocess.run([*args, "-frames:v", str(frames), *extra, str(path)], check=True)
     return path
+
+
+def linked_files(page: Path) -> list[Path]:
+    """The local files an HTML page links (src and href, relative to its folder), as paths; fails on any other."""
+    import html
+    import re
+    from urllib.parse import unquote
+
+    links = [html.unescape(link) for link in re.findall(r'(?:src|href)="([^"]+)"', page.read_text(encoding="utf-8"))]
+    files = [link for link in links if not link.startswith("#")]
+    assert not [link for link in files if ":" in link or link.startswith("/")], "only relative links"
+    return [page.parent / unquote(link) for link in files]

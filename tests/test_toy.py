@@ -3,10 +3,12 @@
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import linked_files
 from typer.testing import CliRunner
 
 from ctxedit.cli import app
@@ -202,6 +204,9 @@ def test_the_demo_runs_end_to_end(tmp_path):
     changes = ["red circle -> green circle", "red circle -> red triangle", "blue square -> yellow square"]
     assert [e.change for e in result.edits] == changes and all(0 <= e.score.exact <= 1 for e in result.edits)
     assert (tmp_path / "demo/side-by-side.mp4").exists() and (tmp_path / "demo/strip.png").exists()
+    page = Path(result.report)
+    assert all(f.is_file() for f in linked_files(page)) and len(set(linked_files(page))) == 1 + 3
+    assert page.read_text().count('<table class="scores">') == 3  # scored with the shapes world's captioner
     with pytest.raises(Exception, match="--overwrite"):
         run_demo(tmp_path / "demo", tune_steps=2, edit_steps=3, device="cpu")
     cli = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--overwrite", "--json"])

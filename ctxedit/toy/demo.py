@@ -16,7 +16,9 @@ from ctxedit import compose
 from ctxedit import video as videos
 from ctxedit.editing import edit_run
 from ctxedit.errors import ModelError, RunError
+from ctxedit.report import write_report
 from ctxedit.runs import Progress, Run
+from ctxedit.scoring import score_run
 from ctxedit.settings import EditSettings, TuneSettings
 from ctxedit.toy.metrics import EditScore, score_edit
 from ctxedit.toy.world import Clip, Shape
@@ -50,6 +52,7 @@ class DemoResult:
     source: str
     side_by_side: str
     strip: str
+    report: str
     edits: list[DemoEdit]
     seconds: float
 
@@ -96,4 +99,7 @@ def run_demo(
     videos.write_video(compose.side_by_side(rows), side_by_side, FPS)
     strip = folder / "strip.png"
     compose.write_strip(rows, strip)
-    return DemoResult(str(folder), str(source), str(side_by_side), str(strip), edits, time.perf_counter() - started)
+    score_run(run, [], "caption", "shapes", device)  # the scores the report shows, with the shapes world's captioner
+    report = write_report([run], folder / "report.html", title="ctxedit demo: the shapes world")
+    seconds = time.perf_counter() - started
+    return DemoResult(str(folder), str(source), str(side_by_side), str(strip), str(report), edits, seconds)
