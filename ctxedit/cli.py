@@ -34,29 +34,44 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
+# Help panels of tune and edit: the common options come first (typer's "Options"), then these, in this order.
+MODEL, FRAMES, TUNING = "Model", "Frames", "Tuning"
+STRUCTURE, REALIGN, WINDOWS = "Structure: what the edit keeps of the source", "Re-alignment", "Windows (long clips)"
+OUTPUT, REPRODUCIBILITY = "Output", "Reproducibility"
+
 RunOpt = Annotated[str, typer.Option("--run", help="Run directory, or 'latest' for the most recent under runs/.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cuda | cpu.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto (fp16/bf16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
-ScorerOpt = Annotated[
-    str, typer.Option(help="Text alignment, recorded for every candidate: attention | caption | clip.")
-]
-ScorerModelOpt = Annotated[
-    str | None, typer.Option(help="Captioner (BLIP; 'shapes' for the demo world) or CLIP model: hub id or folder.")
-]
+SCORER_HELP = "Text alignment, recorded for every candidate: attention | caption | clip."
+SCORER_MODEL_HELP = "Captioner (BLIP; 'shapes' for the demo world) or CLIP model: hub id or folder."
+ScorerOpt = Annotated[str, typer.Option(help=SCORER_HELP)]
+ScorerModelOpt = Annotated[str | None, typer.Option(help=SCORER_MODEL_HELP)]
 OutputSizeOpt = Annotated[
-    str, typer.Option("--output-size", help="processed (the model's size) | source (scaled back, Lanczos).")
+    str,
+    typer.Option(
+        "--output-size", help="processed (the model's size) | source (scaled back, Lanczos).", rich_help_panel=OUTPUT
+    ),
 ]
 FpsOpt = Annotated[
     float | None,
-    typer.Option(help="Frame rate of the outputs; another rate than the source's drops the audio.", show_default=False),
+    typer.Option(
+        help="Frame rate of the outputs; another rate than the source's drops the audio.",
+        show_default=False,
+        rich_help_panel=OUTPUT,
+    ),
 ]
-GifOpt = Annotated[bool, typer.Option("--gif", help="Also write a GIF beside each MP4.")]
+GifOpt = Annotated[bool, typer.Option("--gif", help="Also write a GIF beside each MP4.", rich_help_panel=OUTPUT)]
 SideBySideOpt = Annotated[
-    bool, typer.Option("--side-by-side", help="Also write edits/side-by-side.mp4: source | edits, captioned.")
+    bool,
+    typer.Option(
+        "--side-by-side", help="Also write edits/side-by-side.mp4: source | edits, captioned.", rich_help_panel=OUTPUT
+    ),
 ]
-GridOpt = Annotated[bool, typer.Option("--grid", help="Also write edits/grid.mp4: source and edits in a grid.")]
+GridOpt = Annotated[
+    bool, typer.Option("--grid", help="Also write edits/grid.mp4: source and edits in a grid.", rich_help_panel=OUTPUT)
+]
 
 
 def _known_error(error: Exception) -> str | None:
@@ -156,6 +171,7 @@ def tune(
             help="Architecture of a single-file --model: sd-v1, sd-v2-base (512, epsilon), sd-v2-768-v or a diffusers "
             "folder. \\[default: from its keys; SD 2.x files: sd-v2-768-v]",
             show_default=False,
+            rich_help_panel=MODEL,
         ),
     ] = None,
     lora: Annotated[
@@ -163,6 +179,7 @@ def tune(
         typer.Option(
             help="LoRA file (diffusers/peft or kohya), FILE or FILE:SCALE (e.g. style.safetensors:0.7); repeatable.",
             show_default=False,
+            rich_help_panel=MODEL,
         ),
     ] = None,
     embedding: Annotated[
@@ -171,69 +188,99 @@ def tune(
             help="Textual-inversion embedding, FILE or FILE:TOKEN; its token can be used in the prompt and targets. "
             "Repeatable.",
             show_default=False,
+            rich_help_panel=MODEL,
         ),
     ] = None,
     run: Annotated[
         str, typer.Option("--run", help="Run directory. \\[default: runs/<video name>]", show_default=False)
     ] = "",
     frames: Annotated[
-        str, typer.Option(help="Frames to tune on and edit, or 'all' (the whole clip or --from/--to span).")
+        str,
+        typer.Option(
+            help="Frames to tune on and edit, or 'all' (the whole clip or --from/--to span).", rich_help_panel=FRAMES
+        ),
     ] = str(TuneSettings.frames),
-    stride: Annotated[int, typer.Option(help="Take every n-th frame.")] = TuneSettings.stride,
-    start: Annotated[int, typer.Option(help="First frame index.")] = TuneSettings.start,
+    stride: Annotated[int, typer.Option(help="Take every n-th frame.", rich_help_panel=FRAMES)] = TuneSettings.stride,
+    start: Annotated[int, typer.Option(help="First frame index.", rich_help_panel=FRAMES)] = TuneSettings.start,
     from_time: Annotated[
         str | None,
         typer.Option(
             "--from",
             help="Start of the span to edit: seconds, mm:ss or h:mm:ss (instead of --start).",
             show_default=False,
+            rich_help_panel=FRAMES,
         ),
     ] = None,
     to_time: Annotated[
         str | None,
         typer.Option(
-            "--to", help="End of the span: seconds, mm:ss or h:mm:ss. \\[default: the end]", show_default=False
+            "--to",
+            help="End of the span: seconds, mm:ss or h:mm:ss. \\[default: the end]",
+            show_default=False,
+            rich_help_panel=FRAMES,
         ),
     ] = None,
     window: Annotated[
-        int, typer.Option(help="Frames the model sees at once; longer clips are tuned and edited in windows.")
+        int,
+        typer.Option(
+            help="Frames the model sees at once; longer clips are tuned and edited in windows.", rich_help_panel=WINDOWS
+        ),
     ] = TuneSettings.window,
     size: Annotated[
         str,
-        typer.Option(help="Short side in pixels (rounded to the model's multiple), or 'auto': the model's native one."),
+        typer.Option(
+            help="Short side in pixels (rounded to the model's multiple), or 'auto': the model's native one.",
+            rich_help_panel=FRAMES,
+        ),
     ] = TuneSettings.size,
-    crop: Annotated[str, typer.Option(help="none (keep aspect ratio) | center (square).")] = TuneSettings.crop,
+    crop: Annotated[
+        str, typer.Option(help="none (keep aspect ratio) | center (square).", rich_help_panel=FRAMES)
+    ] = TuneSettings.crop,
     steps: Annotated[
         str, typer.Option(help=f"Tuning steps, or 'auto': {STEPS}, x (frames / window)^{STEPS_GROWTH:g} if longer.")
     ] = TuneSettings.steps,
-    lr: Annotated[float, typer.Option(help="Learning rate of the UNet parameters.")] = TuneSettings.lr,
-    adapter_lr: Annotated[float, typer.Option(help="Learning rate of the context adapter.")] = TuneSettings.adapter_lr,
+    lr: Annotated[
+        float, typer.Option(help="Learning rate of the UNet parameters.", rich_help_panel=TUNING)
+    ] = TuneSettings.lr,
+    adapter_lr: Annotated[
+        float, typer.Option(help="Learning rate of the context adapter.", rich_help_panel=TUNING)
+    ] = TuneSettings.adapter_lr,
     context: Annotated[
-        str, typer.Option(help="Shift schedule: quadratic | prior | noise | off (Tune-A-Video).")
+        str,
+        typer.Option(help="Shift schedule: quadratic | prior | noise | off (Tune-A-Video).", rich_help_panel=TUNING),
     ] = TuneSettings.context,
-    context_scale: Annotated[float, typer.Option(help="Scale of the context shift.")] = TuneSettings.context_scale,
+    context_scale: Annotated[
+        float, typer.Option(help="Scale of the context shift.", rich_help_panel=TUNING)
+    ] = TuneSettings.context_scale,
     adapter: Annotated[
         str,
         typer.Option(
             help="Context adapter to start from: fresh (zero head: starts as Tune-A-Video), auto (the model's "
-            "pre-trained adapter/ if it has one, else fresh) or the folder of a pre-trained adapter."
+            "pre-trained adapter/ if it has one, else fresh) or the folder of a pre-trained adapter.",
+            rich_help_panel=MODEL,
         ),
     ] = TuneSettings.adapter,
-    seed: Annotated[int, typer.Option(help="Seed of initialization, timesteps and noise.")] = TuneSettings.seed,
+    seed: Annotated[
+        int, typer.Option(help="Seed of initialization, timesteps and noise.", rich_help_panel=REPRODUCIBILITY)
+    ] = TuneSettings.seed,
     checkpoint_every: Annotated[
-        int, typer.Option(help="Steps between resumable checkpoints.")
+        int, typer.Option(help="Steps between resumable checkpoints.", rich_help_panel=REPRODUCIBILITY)
     ] = TuneSettings.checkpoint_every,
     keep_checkpoints: Annotated[
         bool,
         typer.Option(
             "--keep-checkpoints",
             help="Keep the parameters of every checkpoint (edit --checkpoint STEP; more different --candidates).",
+            rich_help_panel=REPRODUCIBILITY,
         ),
     ] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue an interrupted run with the same settings.")
+        bool,
+        typer.Option(
+            "--resume", help="Continue an interrupted run with the same settings.", rich_help_panel=REPRODUCIBILITY
+        ),
     ] = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -290,94 +337,105 @@ def edit(
     steps: Annotated[int, typer.Option(help="DDIM steps of inversion and sampling.")] = EditSettings.steps,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = EditSettings.guidance,
     inversion_prompt: Annotated[
-        str, typer.Option(help="source (ContextDiff) | empty (Tune-A-Video).")
+        str, typer.Option(help="source (ContextDiff) | empty (Tune-A-Video).", rich_help_panel=STRUCTURE)
     ] = EditSettings.inversion_prompt,
     inversion: Annotated[
         str,
-        typer.Option(help="direct (the source reconstructs exactly under guidance) | plain | negative (prompt)."),
+        typer.Option(
+            help="direct (the source reconstructs exactly under guidance) | plain | negative (prompt).",
+            rich_help_panel=STRUCTURE,
+        ),
     ] = EditSettings.inversion,
     keep_structure: Annotated[
-        float, typer.Option(help="Fraction of the sampled steps (the first) that take the source's features; 0: none.")
+        float,
+        typer.Option(
+            help="Fraction of the sampled steps (the first) that take the source's features; 0: none.",
+            rich_help_panel=STRUCTURE,
+        ),
     ] = EditSettings.keep_structure,
     keep_words: Annotated[
         float,
-        typer.Option(help="Fraction of the sampled steps where words shared with the source keep its maps."),
+        typer.Option(
+            help="Fraction of the sampled steps where words shared with the source keep its maps.",
+            rich_help_panel=STRUCTURE,
+        ),
     ] = EditSettings.keep_words,
     blend: Annotated[
         str,
-        typer.Option(help="auto (only the changed words' region may change) | off | words to blend, e.g. 'hat,man'."),
+        typer.Option(
+            help="auto (only the changed words' region may change) | off | words to blend, e.g. 'hat,man'.",
+            rich_help_panel=STRUCTURE,
+        ),
     ] = EditSettings.blend,
     strength: Annotated[
-        float, typer.Option(help="Fraction of the steps inverted and resampled; lower keeps more of the source.")
+        float,
+        typer.Option(
+            help="Fraction of the steps inverted and resampled; lower keeps more of the source.",
+            rich_help_panel=STRUCTURE,
+        ),
     ] = EditSettings.strength,
     keep_inside: Annotated[
         float,
         typer.Option(
             help="Fraction of the sampled steps (the first) during which direct inversion and the source's features "
-            "also hold inside the region the edit changes; after it that region is the edit's own."
+            "also hold inside the region the edit changes; after it that region is the edit's own.",
+            rich_help_panel=STRUCTURE,
         ),
     ] = EditSettings.keep_inside,
     inject: Annotated[
         str,
         typer.Option(
             help="whole (the source's features as they are) | layout (inside the changed region, the source's "
-            "features in the edit's own channel statistics: its layout without its colours)."
+            "features in the edit's own channel statistics: its layout without its colours).",
+            rich_help_panel=STRUCTURE,
         ),
     ] = EditSettings.inject,
     propagate: Annotated[
         float,
         typer.Option(
             help="Share of each pixel's change taken from the pixels it matches in the neighbouring frames of the "
-            "source: the edit follows the source's motion; 0: off."
+            "source: the edit follows the source's motion; 0: off.",
+            rich_help_panel=STRUCTURE,
         ),
     ] = EditSettings.propagate,
     realign: Annotated[
         str,
         typer.Option(
             help="auto (the words the target changes get more attention in their region) | off. "
-            "Weigh words yourself with (word:1.5) in --target."
+            "Weigh words yourself with (word:1.5) in --target.",
+            rich_help_panel=REALIGN,
         ),
     ] = EditSettings.realign,
     candidates: Annotated[
         int,
         typer.Option(
             help="Make this many edits that differ (eta seeds, guidance, structure, context scale, kept "
-            "checkpoints); keep the steadiest and best preserved."
+            "checkpoints); keep the steadiest and best preserved.",
+            rich_help_panel=REALIGN,
         ),
     ] = EditSettings.candidates,
-    scorer: ScorerOpt = EditSettings.scorer,
-    scorer_model: ScorerModelOpt = None,
+    scorer: Annotated[str, typer.Option(help=SCORER_HELP, rich_help_panel=REALIGN)] = EditSettings.scorer,
+    scorer_model: Annotated[str | None, typer.Option(help=SCORER_MODEL_HELP, rich_help_panel=REALIGN)] = None,
     keep_candidates: Annotated[
-        bool, typer.Option("--keep-candidates", help="Write every candidate beside the chosen edit.")
+        bool,
+        typer.Option(
+            "--keep-candidates", help="Write every candidate beside the chosen edit.", rich_help_panel=REALIGN
+        ),
     ] = False,
-    context_scale: Annotated[
-        float, typer.Option(help="Times the tuned context shift, in inversion and sampling.")
-    ] = EditSettings.context_scale,
-    lora_scale: Annotated[
-        str | None,
-        typer.Option(
-            help="Scale of the run's LoRAs: one for all, or one per LoRA (e.g. 0.5,1). \\[default: as tuned]",
-            show_default=False,
-        ),
-    ] = None,
     overlap: Annotated[
-        int, typer.Option(help="Frames shared by neighbouring windows of a clip longer than the tuned --window.")
-    ] = EditSettings.overlap,
-    checkpoint: Annotated[
-        int | None,
+        int,
         typer.Option(
-            help="Edit with the parameters kept after this tuning step (tune --keep-checkpoints). \\[default: the end]",
-            show_default=False,
+            help="Frames shared by neighbouring windows of a clip longer than the tuned --window.",
+            rich_help_panel=WINDOWS,
         ),
-    ] = None,
-    eta: Annotated[float, typer.Option(help="DDIM eta; 0 is deterministic, > 0 adds seeded noise.")] = EditSettings.eta,
-    seed: Annotated[
-        int | None, typer.Option(help="Seed of the eta noise. \\[default: the run's seed]", show_default=False)
-    ] = None,
+    ] = EditSettings.overlap,
     out_path: Annotated[
         Path | None,
         typer.Option(
-            "--out", help="Output MP4 (one target only). \\[default: RUN/edits/<target>.mp4]", show_default=False
+            "--out",
+            help="Output MP4 (one target only). \\[default: RUN/edits/<target>.mp4]",
+            show_default=False,
+            rich_help_panel=OUTPUT,
         ),
     ] = None,
     output_size: OutputSizeOpt = OutputSettings.size,
@@ -385,6 +443,37 @@ def edit(
     gif: GifOpt = False,
     side_by_side: SideBySideOpt = False,
     grid: GridOpt = False,
+    context_scale: Annotated[
+        float, typer.Option(help="Times the tuned context shift, in inversion and sampling.", rich_help_panel=MODEL)
+    ] = EditSettings.context_scale,
+    lora_scale: Annotated[
+        str | None,
+        typer.Option(
+            help="Scale of the run's LoRAs: one for all, or one per LoRA (e.g. 0.5,1). \\[default: as tuned]",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        int | None,
+        typer.Option(
+            help="Edit with the parameters kept after this tuning step (tune --keep-checkpoints). \\[default: the end]",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    eta: Annotated[
+        float,
+        typer.Option(help="DDIM eta; 0 is deterministic, > 0 adds seeded noise.", rich_help_panel=REPRODUCIBILITY),
+    ] = EditSettings.eta,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of the eta noise. \\[default: the run's seed]",
+            show_default=False,
+            rich_help_panel=REPRODUCIBILITY,
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     overwrite: OverwriteOpt = False,

@@ -1,6 +1,7 @@
 """The command line end to end on the tiny model, and every bad input: one line, non-zero exit, nothing lost."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,29 @@ def in_tmp(tmp_path, monkeypatch):
 def test_help_imports_no_torch():
     code = "import sys, ctxedit.cli; sys.exit('torch' in sys.modules or 'diffusers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def help_panels(command: str) -> dict[str, str]:
+    """The panels of `ctxedit COMMAND --help`, in order: title -> the text inside."""
+    text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "160"}).stdout
+    parts = re.split(r"^╭─ (.+?) ─+╮$", text, flags=re.M)[1:]
+    return dict(zip(parts[::2], parts[1::2], strict=True))
+
+
+def test_help_shows_the_common_options_first_then_the_rest_in_panels():
+    edit = help_panels("edit")
+    assert [title.split(":")[0] for title in edit] == [
+        "Options", "Structure", "Re-alignment", "Windows (long clips)", "Output", "Model", "Reproducibility"
+    ]  # fmt: skip
+    first = edit["Options"]
+    assert all(f"--{name} " in first for name in ("target", "run", "steps", "guidance", "device", "overwrite"))
+    assert "--keep-inside " in edit["Structure: what the edit keeps of the source"] and "--inject " not in first
+    assert "--candidates " in edit["Re-alignment"] and "--side-by-side " in edit["Output"]
+    assert "--seed " in edit["Reproducibility"] and "--lora-scale " in edit["Model"]
+    tune = help_panels("tune")
+    panels = ["Arguments", "Options", "Model", "Frames", "Windows (long clips)", "Tuning", "Reproducibility"]
+    assert list(tune) == panels
+    assert "--prompt " in tune["Options"] and "--lora " in tune["Model"] and "--from " in tune["Frames"]
 
 
 def test_tune_then_edit(skiing, tiny_model, tmp_path):
