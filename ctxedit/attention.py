@@ -246,7 +246,7 @@ def attention_layers(unet: torch.nn.Module, kind: str) -> list[str]:
     return [name for name, _ in unet.named_modules() if name.endswith("." + kind)]
 
 
-# What the edit takes from the source, chosen by measurement on the shapes world (README, "Keeping structure"):
+# What the edit takes from the source, chosen by measurement on the shapes world (benchmarks/README.md):
 FEATURE_LAYERS = ("up_blocks.1.resnets.1",)  # decoder features that carry the layout (as Plug-and-Play's)
 SELF_ATTENTION_LAYERS: tuple[str, ...] = ()  # self-attention injection moved objects more, not less
 WORD_SCALES = (2, 4)  # cross-attention layers at 1/2 and 1/4 of the latent size: shared words' maps

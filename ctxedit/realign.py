@@ -37,10 +37,10 @@ VARIATIONS: tuple[tuple[str, float], ...] = (
     ("checkpoint", 2),
 )
 FURTHEST = {"guidance": (0.5, 2.5), "context_scale": (0.25, 2.0)}  # the factors later rounds may reach
-# The scores shown to track the truth on the shapes world (README, "Re-alignment"): consistency (jitter) and
-# preservation (drift); the rule was chosen on development clips. Text alignment is scored and recorded but not
-# used: the UNet's attention mass tracks the truth backwards there, no rule using the caption reward did reliably
-# better, and CLIP could not be checked.
+# The scores shown to track the truth on the shapes world (benchmarks/README.md, "Re-alignment"): consistency
+# (jitter) and preservation (drift); the rule was chosen on development clips. Text alignment is scored and
+# recorded but not used: the UNet's attention mass tracks the truth backwards there, no rule using the caption
+# reward did reliably better, and CLIP could not be checked.
 RERANK_AXES = ("consistency", "preservation")
 
 
