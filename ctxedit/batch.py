@@ -270,14 +270,14 @@ def _strip_of(entry: dict, video: Path, record: dict, source: list) -> Path | No
     return png
 
 
-def write_reports(jobs: list[Job], root: Path) -> list[Path]:
+def write_reports(jobs: list[Job], root: Path, overwrite: bool = False) -> list[Path]:
     """ROOT/<preset>/report.html (`ctxedit report` of the preset's runs) and report.md for each preset, made from
     the run folders (so they cover every process's and shard's work). report.md: per job the source, settings and
     timings; per edit its settings, time, files, frame strip."""
     written = []
     for preset in dict.fromkeys(job.preset for job in jobs):
         folder, runs = root / preset.stem, [job_run(root, job) for job in jobs if job.preset == preset]
-        written.append(write_report(runs, folder / "report.html", title=f"ctxedit batch: {preset.name}"))
+        written.append(write_report(runs, folder / "report.html", overwrite, f"ctxedit batch: {preset.name}"))
         lines = [f"# {preset.name}", "", f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by ctxedit batch.", ""]
         for run in runs:
             lines += [f"## {run.root.name}", "", *_job_lines(run, folder), ""]
@@ -301,12 +301,14 @@ def _job_lines(run: Run, folder: Path) -> list[str]:
         f"- model: `{describe(record['model'])}`; {record['runtime']['device']}, {record['runtime']['precision']}",
         f"- tuning: {settings}",
     ]
-    if tuning:
+    if tuning and tuning["steps_done"]:
         loss = tuning["loss"]
         lines.append(
             f"- tuned {tuning['steps_done']} steps in {timings['tune_s']:.1f} s "
             f"({timings['tune_step_s']:.2f} s/step), loss {loss['first']:.4f} -> {loss['last']:.4f}"
         )
+    elif tuning:
+        lines.append(f"- no tuning step finished: {tuning['stopped_early']}")
     else:
         lines.append("- tuning not finished")
     lines.append("")

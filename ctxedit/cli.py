@@ -555,7 +555,7 @@ def batch(
         outcomes = run_batch(jobs, out_dir, share, device, precision, overwrite, progress=bars)
     failed = sum(o.status == "failed" for o in outcomes)
     if lead:
-        reports = write_reports(jobs, out_dir)
+        reports = write_reports(jobs, out_dir, overwrite)
         if json_out:
             _print_json({"jobs": [asdict(o) for o in outcomes], "reports": [str(r) for r in reports]})
         else:
@@ -583,7 +583,8 @@ def demo(
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Tune and edit a shapes-world clip with the bundled model (no download, about a minute on a CPU)."""
+    """Tune, edit and score a shapes-world clip with the bundled model, and write its report (no download, about half
+    a minute on a CPU)."""
     from ctxedit.toy.demo import run_demo
 
     with ProgressBars(quiet=json_out) as bars:
@@ -657,6 +658,7 @@ def report(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a file at --out that is not a ctxedit report.")
     ] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Write an HTML page of runs: the source and edits playing in sync, settings, scores, candidates, tuning loss.
 
@@ -669,10 +671,13 @@ def report(
     chosen = [resolve_run(run) for run in runs or ["latest"]]
     for run in chosen:
         run.read_record()  # a folder that holds no run: one line, before anything is written
-    names = chosen[0].root.name if len(chosen) == 1 else f"{len(chosen)} runs"
+    names = chosen[0].root.resolve().name if len(chosen) == 1 else f"{len(chosen)} runs"
     dest = out_path or (chosen[0].root / "report.html" if len(chosen) == 1 else Path("report.html"))
     page = write_report(chosen, dest, overwrite, title=f"ctxedit: {names}")
-    out.print(f"report: {page}", highlight=False, soft_wrap=True)
+    if json_out:
+        _print_json({"report": str(page)})
+    else:
+        out.print(f"report: {page}", highlight=False, soft_wrap=True)
     if open_page:
         webbrowser.open(page.resolve().as_uri())
 

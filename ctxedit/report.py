@@ -3,8 +3,9 @@
 Per run: the source and every edit playing in sync (one play/pause, scrubber, frame steps and loop toggle), each
 captioned with its target, the words it changed marked; per edit the settings that differ from the defaults, its
 time, its recorded scores and its candidates (the chosen one marked, with its ranks); the tuning loss and the
-timings as inline SVG. The page is self-contained (its style and script inline, nothing fetched) and links the MP4s
-by relative path, so the folder that holds it and the runs can be moved or shared. Record text is escaped.
+timings as inline SVG. The page is self-contained (its style and script inline, nothing fetched; any browser that
+plays H.264 MP4) and links the MP4s by relative path, so the folder that holds it and the runs can be moved or
+shared. Record text is escaped.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import math
 import os
 import re
 import time
-from dataclasses import fields
 from html import escape
 from importlib import resources
 from pathlib import Path
@@ -29,7 +29,7 @@ from ctxedit.runs import Run, latest_edits, source_chunks
 from ctxedit.settings import EditSettings, OutputSettings, TuneSettings, recorded_settings
 
 GENERATOR = f'<meta name="generator" content="ctxedit report {__version__}">'  # such a page is replaced freely
-SOURCE_PREVIEW = "source.mp4"  # RUN/source.mp4: the tuned frames, as the edits show them
+SOURCE_PREVIEW = "source-preview.mp4"  # in the run folder: the tuned frames, as the edits show them
 AXES = {  # recorded score -> its name on the page (all but the warp error: higher is better)
     "text": "text alignment",
     "consistency": "consistency",
@@ -45,11 +45,11 @@ def write_report(runs: list[Run], dest: Path, overwrite: bool = False, title: st
         raise UsageError(f"the report is an HTML page: --out must end in .html, got {dest.name}")
     if dest.is_dir() or (dest.exists() and not overwrite and not is_report(dest)):
         raise RunError(f"{dest} already exists and is not a ctxedit report; pass --overwrite to replace it")
-    folder = dest.parent.resolve()
+    folder = Path(os.path.abspath(dest.parent))
     sections = [_run_section(run, folder, f"run-{k}") for k, run in enumerate(runs)]
     index = ""
     if len(runs) > 1:
-        links = "".join(f'<li><a href="#run-{k}">{escape(run.root.name)}</a></li>' for k, run in enumerate(runs))
+        links = "".join(f'<li><a href="#run-{k}">{escape(_name(run))}</a></li>' for k, run in enumerate(runs))
         index = f'<nav><ol class="runs">{links}</ol></nav>'
     written = f"Written {time.strftime('%Y-%m-%d %H:%M')} by ctxedit {__version__}."
     page = Template(_asset("report.html")).substitute(
@@ -67,6 +67,10 @@ def is_report(path: Path) -> bool:
         return b'<meta name="generator" content="ctxedit report' in f.read(1024)
 
 
+def _name(run: Run) -> str:
+    return Path(os.path.abspath(run.root)).name  # `ctxedit report .` too
+
+
 def _asset(name: str) -> str:
     return resources.files("ctxedit").joinpath("assets", name).read_text(encoding="utf-8")
 
@@ -74,54 +78,62 @@ def _asset(name: str) -> str:
 def marked(source: str, target: str) -> str:
     """`target` as HTML, its words that `source` does not have at that place in <mark> (case, punctuation and
     (word:1.5) weights aside)."""
-    plain = lambda word: re.sub(r":[\d.]+\)?$|\W", "", word.lower())  # noqa: E731
     words = target.split()
-    matcher = difflib.SequenceMatcher(a=list(map(plain, source.split())), b=list(map(plain, words)), autojunk=False)
+    matcher = difflib.SequenceMatcher(a=_plain(source.split()), b=_plain(words), autojunk=False)
     kept = {i for block in matcher.get_matching_blocks() for i in range(block.b, block.b + block.size)}
     return " ".join(escape(w) if i in kept else f"<mark>{escape(w)}</mark>" for i, w in enumerate(words))
 
 
+def _plain(words: list[str]) -> list[str]:
+    """Words as compared: lower case, without a (word:1.5) weight or punctuation."""
+    return [re.sub(r":[\d.]+\)|\W", "", word.lower()) for word in words]
+
+
 def source_preview(run: Run, record: dict) -> Path | None:
-    """RUN/source.mp4: the tuned frames of the source as the model saw them, with the source's sound, made when
-    missing or older than the run's encoded source; None when the source video can no longer be read."""
+    """RUN/source-preview.mp4: the tuned frames of the source as the model saw them, with the source's sound, made
+    when missing or older than the run's encoded source. When it cannot be made (the source video moved, the folder
+    is read-only), the one there, if any; else None."""
     from ctxedit import video as videos
     from ctxedit.outputs import audio_span
 
     path = run.root / SOURCE_PREVIEW
     encoded = run.source_path
-    if path.exists() and (not encoded.exists() or path.stat().st_mtime >= encoded.stat().st_mtime):
+    fresh = path.exists() and (not encoded.exists() or path.stat().st_mtime >= encoded.stat().st_mtime)
+    if fresh or path.resolve() == Path(record["video"]["path"]).resolve():  # never over the user's video
         return path
     try:
         audio = audio_span(record, OutputSettings())
         frames = (frame for chunk in source_chunks(record) for frame in chunk)
         videos.write_video(frames, path, record["fps"], audio, overwrite=True)
-    except VideoError:
-        return None
-    return path
+    except (VideoError, OSError):
+        pass
+    return path if path.exists() else None
 
 
 def located(run: Run, recorded: str) -> Path | None:
-    """A file the record names: in the run's edits/ folder (where it stays when the run folder moves), else where
-    it was written; None when it is in neither."""
+    """A file the record names: one written to an edits/ folder is looked for in the run's (where it stays when
+    the run folder moves, and a path recorded relative to another working folder still finds it), then where it
+    was written; None when it is in neither."""
     path = Path(recorded)
-    for tail in (path.parts[-1:], path.parts[-2:]):  # an edit; a kept candidate in <edit>.candidates/
-        if (moved := run.root.joinpath("edits", *tail)).is_file():
-            return moved
+    for depth in (1, 2):  # an edit in edits/; a kept candidate in edits/<edit>.candidates/
+        if path.parts[-depth - 1 : -depth] == ("edits",):
+            if (moved := run.root.joinpath("edits", *path.parts[-depth:])).is_file():
+                return moved
     return path if path.is_file() else None
 
 
 def _href(path: Path, folder: Path) -> str:
     try:
-        return escape(quote(Path(os.path.relpath(path.resolve(), folder)).as_posix()))
+        return escape(quote(Path(os.path.relpath(os.path.abspath(path), folder)).as_posix()))
     except ValueError:  # another drive (Windows): no relative path
-        return escape(path.resolve().as_uri())
+        return escape(Path(os.path.abspath(path)).as_uri())
 
 
 # --- one run ---------------------------------------------------------------------------------------------------
 
 
 def _run_section(run: Run, folder: Path, anchor: str) -> str:
-    head = f'<h2><a href="#{anchor}">{escape(run.root.name)}</a> <small>{escape(str(run.root))}</small></h2>'
+    head = f'<h2><a href="#{anchor}">{escape(_name(run))}</a> <small>{escape(str(run.root))}</small></h2>'
     if not run.record_path.exists():
         return f'<section class="run" id="{anchor}">{head}<p class="note">Not run yet.</p></section>'
     record = run.read_record()
@@ -134,14 +146,14 @@ def _run_section(run: Run, folder: Path, anchor: str) -> str:
     ]
     edits = [(entry, located(run, entry["path"])) for entry in latest_edits(record).values()]
     preview = source_preview(run, record)
-    tiles = [_tile(preview, folder, f"<b>source</b> {escape(source_prompt)}", "source", "source video not found")]
-    tiles += [
-        _tile(path, folder, f'<a href="#{anchor}-edit-{k}">{marked(source_prompt, e["target"])}</a>', "edit", e["path"])
-        for k, (e, path) in enumerate(edits)
-    ]
+    caption = f"<b>source</b> {escape(source_prompt)}"
+    tiles = [_tile(preview, folder, caption, "source", f"source video not found: {video['path']}")]
+    for k, (entry, path) in enumerate(edits):
+        caption = f'<a href="#{anchor}-edit-{k}">{marked(source_prompt, entry["target"])}</a>'
+        tiles.append(_tile(path, folder, caption, "edit", f"not found: {entry['path']}"))
     sound = preview is not None and video["has_audio"]
     cards = [_edit_card(run, record, e, path, folder, f"{anchor}-edit-{k}") for k, (e, path) in enumerate(edits)]
-    return f"""<section class="run" id="{anchor}" data-fps="{record["fps"]:.6g}" data-frames="{frames["count"]}">
+    return f"""<section class="run" id="{anchor}" data-frames="{frames["count"]}">
 {head}
 <p class="facts">{" · ".join(facts)}</p>
 {_controls(frames["count"], sound)}
@@ -163,14 +175,18 @@ def _controls(frames: int, sound: bool) -> str:
 </div>"""
 
 
-def _tile(path: Path | None, folder: Path, caption: str, kind: str, missing: str) -> str:
-    """A video in the run's player (or a note that its file is gone), captioned."""
-    if path is None:
-        shown = f'<div class="gone">not found: {escape(missing)}</div>'
-    else:
-        from ctxedit import video as videos
+def _tile(path: Path | None, folder: Path, caption: str, kind: str, gone: str) -> str:
+    """A video of the run's player, captioned; `gone` says what is missing when there is no file (or why not, when
+    it cannot be read)."""
+    from ctxedit import video as videos
 
-        info = videos.probe(path)
+    try:
+        info = videos.probe(path) if path is not None else None
+    except VideoError as error:
+        info, gone = None, str(error)
+    if info is None:
+        shown = f'<div class="gone">{escape(gone)}</div>'
+    else:
         small = " small" if info.width < 256 else ""
         shown = (
             f'<video class="sync{small}" src="{_href(path, folder)}" data-fps="{info.fps:.6g}" width="{info.width}" '
@@ -179,10 +195,13 @@ def _tile(path: Path | None, folder: Path, caption: str, kind: str, missing: str
     return f'<figure class="tile {kind}">{shown}<figcaption>{caption}</figcaption></figure>'
 
 
+def _codes(settings: dict) -> str:
+    return " ".join(f"<code>{escape(name)} {escape(str(value))}</code>" for name, value in settings.items()) or "none"
+
+
 def _changed(values: dict, defaults: dict) -> str:
-    changes = [f"<code>{escape(name)} {escape(str(value))}</code>" for name, value in values.items()
-               if name in defaults and value != defaults[name]]  # fmt: skip
-    return " ".join(changes) or "none"
+    """The settings among `values` that differ from `defaults`."""
+    return _codes({name: value for name, value in values.items() if name in defaults and value != defaults[name]})
 
 
 def _edit_card(run: Run, record: dict, entry: dict, path: Path | None, folder: Path, anchor: str) -> str:
@@ -201,23 +220,26 @@ def _edit_card(run: Run, record: dict, entry: dict, path: Path | None, folder: P
     return f"""<article class="edit" id="{anchor}">
 <h4><a href="#{anchor}">{marked(record["settings"]["prompt"], entry["target"])}</a></h4>
 <p class="facts">{" · ".join(facts)}</p>
-<p>Settings changed from the defaults: {_changed(settings, EditSettings().to_dict())}; output:
-{_changed(output, OutputSettings().to_dict())}; seed {escape(str(seed))}.</p>
+<p>Settings changed from the defaults: {_changed(settings, EditSettings().to_dict())};
+output: {_changed(output, OutputSettings().to_dict())}; seed {escape(str(seed))}.</p>
 {_scores_table(scores) if scores else ""}
 {_candidates(run, entry, folder) if entry.get("candidates") else ""}
 </article>"""
 
 
+def _cell(value: float | None, rank: float | None = None) -> str:
+    """A score (and its rank among the candidates, 1 the best) as a table cell."""
+    shown = "-" if value is None else f"{value:.4f}"
+    return f"<td>{shown}" + ("" if rank is None else f" <small>({rank + 1:g})</small>") + "</td>"
+
+
 def _scores_table(scores: dict[str, dict]) -> str:
     """The scores `ctxedit score` recorded, one row per text scorer."""
-    head = "".join(f"<th>{escape(AXES.get(axis, axis))}</th>" for axis in AXES)
-    rows = "".join(
-        f"<tr><th>{escape(scorer)}</th>" + "".join(f"<td>{axes[a]:.4f}</td>" if a in axes else "<td>-</td>"
-                                                   for a in AXES) + "</tr>"
-        for scorer, axes in scores.items()
-    )  # fmt: skip
+    head = "".join(f"<th>{escape(name)}</th>" for name in AXES.values())
+    rows = [f"<tr><th>{escape(scorer)}</th>{''.join(_cell(axes.get(a)) for a in AXES)}</tr>" for scorer, axes in
+            scores.items()]  # fmt: skip
     caption = "<caption>Scores (ctxedit score)</caption>"
-    return f'<table class="scores">{caption}<tr><th>scorer</th>{head}</tr>{rows}</table>'
+    return f'<table class="scores">{caption}<tr><th>scorer</th>{head}</tr>{"".join(rows)}</table>'
 
 
 def _candidates(run: Run, entry: dict, folder: Path) -> str:
@@ -235,18 +257,16 @@ def _candidates(run: Run, entry: dict, folder: Path) -> str:
     tiles, rows = [], []
     for k, c in enumerate(candidates):
         label = f"candidate {k + 1}" + (" · chosen" if k == chosen else "")
-        change = ", ".join(f"{n} {v}" for n, v in c["changes"].items()) or "the settings asked for"
-        kind = "candidate chosen" if k == chosen else "candidate"
+        change = escape(", ".join(f"{n} {v}" for n, v in c["changes"].items()) or "the settings asked for")
         if "path" in c:
-            caption = f"<b>{label}</b> {escape(change)}"
-            tiles.append(_tile(located(run, c["path"]), folder, caption, kind, c["path"]))
-        cells = "".join(
-            f"<td>{c['scores'][a]:.4f}" + (f" <small>({ranks[a][k] + 1:g})</small>" if a in ranks else "") + "</td>"
-            for a in AXES if a in c["scores"]
-        )  # fmt: skip
+            kind = "candidate chosen" if k == chosen else "candidate"
+            tiles.append(
+                _tile(located(run, c["path"]), folder, f"<b>{label}</b> {change}", kind, f"not found: {c['path']}")
+            )
+        cells = "".join(_cell(c["scores"].get(a), ranks[a][k] if a in ranks else None) for a in AXES)
         mark = ' class="chosen"' if k == chosen else ""
-        rows.append(f"<tr{mark}><th>{label}</th><td>{escape(change)}</td>{cells}<td>{mean[k] + 1:g}</td></tr>")
-    head = "".join(f"<th>{escape(AXES[a])}</th>" for a in AXES if a in scores[0])
+        rows.append(f"<tr{mark}><th>{label}</th><td>{change}</td>{cells}<td>{mean[k] + 1:g}</td></tr>")
+    head = "".join(f"<th>{escape(name)}</th>" for name in AXES.values())
     grid = f'<div class="tiles candidates">{"".join(tiles)}</div>' if tiles else ""
     return f"""<div class="candidates-block">
 <p>{escape(reason)}</p>{grid}
@@ -260,17 +280,18 @@ def _candidates(run: Run, entry: dict, folder: Path) -> str:
 
 def _tuning(record: dict) -> str:
     tuning, timings = record.get("tuning"), record.get("timings", {})
-    defaults = {f.name: f.default for f in fields(TuneSettings) if f.name != "prompt"}  # the prompt is shown above
-    settings = _changed(record["settings"], defaults)
-    if not tuning:
-        return f'<h3>Tuning</h3><p class="note">Tuning not finished.</p><p>Settings: {settings}</p>'
+    changed = {line.split(":")[0] for line in TuneSettings(prompt=record["settings"]["prompt"]).differences(record)}
+    settings = _codes({name: value for name, value in record["settings"].items() if name in changed})
+    head = f"<h3>Tuning</h3>\n<p>Settings changed from the defaults: {settings}.</p>"
+    stopped = f" Stopped early: {escape(tuning['stopped_early'])}." if tuning and tuning.get("stopped_early") else ""
+    if not tuning or not tuning["steps_done"]:
+        return f'{head}<p class="note">{"No tuning step finished." if tuning else "Tuning not finished."}{stopped}</p>'
     loss, steps = tuning["loss"], tuning["steps_done"]
-    stopped = f" Stopped early: {escape(tuning['stopped_early'])}." if tuning.get("stopped_early") else ""
     bars = [(name.removesuffix("_s"), value) for name, value in timings.items() if name != "tune_step_s"]
     bars += [(f"edit {k + 1}", e["seconds"]) for k, e in enumerate(latest_edits(record).values())]
-    return f"""<h3>Tuning</h3>
+    return f"""{head}
 <p>{steps} steps, loss {loss["first"]:.4f} to {loss["last"]:.4f} (lowest {loss["min"]:.4f}),
-{timings.get("tune_step_s", 0):.2f} s per step.{stopped} Settings changed from the defaults: {settings}.</p>
+{timings.get("tune_step_s", 0):.2f} s per step.{stopped}</p>
 <div class="plots">{_loss_plot(loss["curve"], loss.get("curve_stride", max(1, steps // 100)), steps)}
 {_bar_plot(bars)}</div>"""
 
@@ -278,20 +299,24 @@ def _tuning(record: dict) -> str:
 def _loss_plot(curve: list[float], stride: int, steps: int) -> str:
     """The tuning loss per step (light) and its running geometric mean over a tenth of the steps (dark), on a log
     scale: a diffusion loss spans decades from one timestep to the next."""
-    width, height, left, bottom = 380, 150, 54, 120
     if not curve or min(curve) <= 0:
         return ""
-    low, high = math.log10(min(curve)), math.log10(max(curve))
-    x = lambda k: left + (width - left - 8) * (k * stride) / max(1, steps - 1)  # noqa: E731
-    y = lambda v: 8 + (bottom - 8) * (high - math.log10(v)) / ((high - low) or 1.0)  # noqa: E731
-    reach, logs = max(1, len(curve) // 10), [math.log10(v) for v in curve]
-    mean = [10 ** (sum(logs[max(0, k + 1 - reach) : k + 1]) / min(k + 1, reach)) for k in range(len(curve))]
-    line = lambda values: " ".join(f"{x(k):.1f},{y(v):.1f}" for k, v in enumerate(values))  # noqa: E731
+    width, height, left, bottom = 380, 150, 54, 120
+    logs = [math.log10(value) for value in curve]
+    low, high = min(logs), max(logs)
+    reach = max(1, len(curve) // 10)
+    mean = [sum(logs[max(0, k + 1 - reach) : k + 1]) / min(k + 1, reach) for k in range(len(logs))]
+
+    def line(values: list[float]) -> str:  # point k is step k * stride + 1
+        xs = (left + (width - left - 8) * k * stride / max(1, steps - 1) for k in range(len(values)))
+        ys = (8 + (bottom - 8) * (high - value) / ((high - low) or 1.0) for value in values)
+        return " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=True))
+
     return f"""<svg class="plot" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img"
 aria-label="tuning loss per step"><title>tuning loss per step</title>
 <line x1="{left}" y1="{bottom}" x2="{width - 8}" y2="{bottom}" class="axis"/>
 <line x1="{left}" y1="8" x2="{left}" y2="{bottom}" class="axis"/>
-<polyline class="raw" points="{line(curve)}"/><polyline class="mean" points="{line(mean)}"/>
+<polyline class="raw" points="{line(logs)}"/><polyline class="mean" points="{line(mean)}"/>
 <text x="{left - 4}" y="14" class="end">{max(curve):.3g}</text>
 <text x="{left - 4}" y="{bottom}" class="end">{min(curve):.3g}</text>
 <text x="{left}" y="{bottom + 14}" class="middle">1</text>

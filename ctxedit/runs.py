@@ -10,7 +10,7 @@ runs/<video-stem>/
   inversions/<key>.safetensors   inverted latents, keyed by every setting they depend on (.npy: a long clip's)
   .records.tmp-*/        a clip edited in windows: the source's records per window and step (while it lasts)
   edits/<slug>.mp4       the edited videos
-  source.mp4             the tuned frames as the model saw them, for the report (made by `ctxedit report`)
+  source-preview.mp4     the tuned frames as the model saw them, for the report (made by `ctxedit report`)
   report.html            the page of the run (`ctxedit report`)
 """
 

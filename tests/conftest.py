@@ -63,4 +63,4 @@ def linked_files(page: Path) -> list[Path]:
     links = [html.unescape(link) for link in re.findall(r'(?:src|href)="([^"]+)"', page.read_text(encoding="utf-8"))]
     files = [link for link in links if not link.startswith("#")]
     assert not [link for link in files if ":" in link or link.startswith("/")], "only relative links"
-    return [page.parent / unquote(link) for link in files]
+    return [Path(os.path.normpath(page.parent / unquote(link))) for link in files]

@@ -1,5 +1,5 @@
-// ctxedit report: each run's videos play together. The first that loads (the source) leads; the others follow it
-// frame for frame (each at its own frame rate), and the run's controls act on all of them.
+// ctxedit report: each run's videos play together. The first video that has not failed (the source) leads; the
+// others follow it frame for frame, each at its own frame rate, and the run's controls act on all of them.
 "use strict";
 
 const players = [...document.querySelectorAll("section.run[data-frames]")].map(player);
@@ -7,7 +7,8 @@ let active = players[0];  // the player the keys act on: the one last touched
 
 document.addEventListener("keydown", (event) => {
   const steps = { ArrowLeft: -1, ArrowRight: 1 };
-  if (!active || event.target.closest("button, input, a")) return;  // those keep their own keys
+  if (!active || event.altKey || event.ctrlKey || event.metaKey || event.repeat) return;
+  if (event.target.closest("button, input, select, textarea")) return;  // those keep their own keys
   if (event.key === " ") active.toggle();
   else if (event.key in steps) active.step(steps[event.key]);
   else return;
@@ -22,7 +23,7 @@ function player(section) {
   const fps = (video) => Number(video.dataset.fps);
   const frameOf = (video) => video.currentTime * fps(video);
   const lead = () => videos.find((video) => !video.error);
-  let playing = false;
+  let tick = null;  // the pending animation frame while playing
 
   function show(frame) {
     scrub.value = frame;
@@ -38,62 +39,55 @@ function player(section) {
   function playAll() {
     const first = lead();
     for (const video of videos) {
-      video.playbackRate = fps(first) / fps(video);  // as many frames per second as the lead
+      video.playbackRate = Math.min(16, Math.max(1 / 16, fps(first) / fps(video)));  // the lead's frames per second
       video.play().catch(() => {});  // a pause before playback starts rejects the promise: nothing to do
     }
   }
 
   function start() {
     const first = lead();
-    if (!first) return;
+    if (!first || tick !== null) return;
     if (frameOf(first) >= frames - 0.5) seek(0);
-    playing = true;
     play.textContent = "Pause";
     playAll();
-    requestAnimationFrame(follow);
+    tick = requestAnimationFrame(follow);
   }
 
-  function stop() {
-    playing = false;
+  function stop(frame) {  // every video paused on one frame: the lead's, or `frame`
+    cancelAnimationFrame(tick);
+    tick = null;
     play.textContent = "Play";
     for (const video of videos) video.pause();
+    const first = lead();
+    if (first) seek(frame ?? Math.floor(frameOf(first)));
   }
 
   function follow() {
-    if (!playing) return;
     const first = lead();
+    if (!first) return stop();  // every video failed
     const now = frameOf(first);
     if (first.ended || now >= frames) {
-      if (!loop.checked) {
-        stop();
-        show(frames - 1);
-        return;
-      }
+      if (!loop.checked) return stop(frames - 1);
       seek(0);
       playAll();
     } else {
       for (const video of videos) {
-        if (video !== first && Math.abs(frameOf(video) - now) > 0.5) video.currentTime = now / fps(video);
+        const off = Math.abs(frameOf(video) - now) > 0.5;
+        if (video !== first && off && !video.seeking) video.currentTime = now / fps(video);
       }
       show(Math.min(frames - 1, Math.floor(now)));
     }
-    requestAnimationFrame(follow);
+    tick = requestAnimationFrame(follow);
   }
 
   const self = {
-    toggle: () => (playing ? stop() : start()),
-    step: (by) => {
-      stop();
-      seek(Number(scrub.value) + by);
-    },
+    toggle: () => (tick === null ? start() : stop()),
+    step: (by) => stop(Number(scrub.value) + by),
   };
   play.addEventListener("click", self.toggle);
   control("back").addEventListener("click", () => self.step(-1));
   control("next").addEventListener("click", () => self.step(1));
-  scrub.addEventListener("input", () => {
-    stop();
-    seek(Number(scrub.value));
-  });
+  scrub.addEventListener("input", () => stop(Number(scrub.value)));
   sound?.addEventListener("change", () => {
     const source = section.querySelector(".tile.source video");
     if (source) source.muted = !sound.checked;
