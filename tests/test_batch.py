@@ -197,7 +197,10 @@ def test_batch_runs_resumes_isolates_failures_and_writes_outputs(tmp_path, skiin
     assert "guidance 3.0, 2 steps" in report
     page = tmp_path / "runs/mix/report.html"  # every job's videos, linked from the preset's folder
     videos = {f.relative_to(tmp_path / "runs/mix").as_posix() for f in linked_files(page) if f.suffix == ".mp4"}
-    assert all(f.is_file() for f in linked_files(page)) and {"ski/source-preview.mp4", "tall/edits/a-tall-pattern.mp4"} < videos
+    assert (
+        all(f.is_file() for f in linked_files(page))
+        and {"ski/source-preview.mp4", "tall/edits/a-tall-pattern.mp4"} < videos
+    )
     assert len(videos) == 4 + 5 and "Not run yet." in page.read_text()  # 4 sources, 5 edits; the broken job
 
     # Run again: nothing is redone, the broken job fails again with the same reason.
