@@ -583,8 +583,8 @@ def demo(
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Tune, edit and score a shapes-world clip with the bundled model, and write its report (no download, about half
-    a minute on a CPU)."""
+    """Tune, edit and score a shapes-world clip with the bundled model, and write its report (no download, about 40
+    seconds on a CPU)."""
     from ctxedit.toy.demo import run_demo
 
     with ProgressBars(quiet=json_out) as bars:
